@@ -1,0 +1,143 @@
+"""Scanning of ImageNet / ImageFolder style directory trees.
+
+Layout: ``<split_dir>/<class_id>/<file>``, where files may also sit in nested sub-folders of a class
+folder (torchvision's ``ImageFolder`` and timm's folder reader walk class folders recursively).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.errors import PrepError
+
+logger = logging.getLogger(__name__)
+
+#: Accepted image file extensions, compared case-insensitively.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a split, before it is written to a shard.
+
+    Attributes:
+        path: Absolute or caller-relative path of the source file.
+        label: Class index (position of ``class_id`` in the class list).
+        class_id: Class folder name, e.g. ``"n01440764"``.
+        source: POSIX path of the file relative to the source root, e.g.
+            ``"train/n01440764/n01440764_10026.JPEG"``; recorded in the manifest and sample JSON.
+    """
+
+    path: Path
+    label: int
+    class_id: str
+    source: str
+
+
+def list_class_dirs(split_dir: Path) -> list[str]:
+    """Return the sorted class folder names of a split directory.
+
+    The order is plain ``sorted()`` on the folder names, as torchvision's ``find_classes`` does. timm's
+    folder reader sorts with a natural key instead; the two agree whenever class names have equal length
+    (e.g. ImageNet WordNet ids).
+
+    Args:
+        split_dir: Directory holding one folder per class.
+
+    Returns:
+        Sorted class folder names (hidden folders, starting with ``"."``, are ignored).
+
+    Raises:
+        PrepError: If ``split_dir`` is missing, not a directory, or holds no class folders.
+    """
+    if not split_dir.is_dir():
+        raise PrepError(f"{split_dir}: no such directory (expected <split>/<class-id>/<image files>)")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise PrepError(f"{split_dir}: no class folders (expected {split_dir}/<class-id>/<image files>)")
+    return classes
+
+
+def _walk_files(class_dir: Path) -> list[Path]:
+    """Return every regular file below ``class_dir`` (recursively, following links), sorted by path."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames.sort()
+        found.extend(Path(dirpath) / name for name in filenames)
+    return sorted(found)
+
+
+def is_image_file(path: Path) -> bool:
+    """Return True if ``path`` has an accepted image extension (case-insensitive)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _relative_source(path: Path, root: Path) -> str:
+    """Return ``path`` relative to ``root`` as a POSIX string (falls back to the absolute path)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
+def _count_stray_files(split_dir: Path) -> int:
+    """Count regular files lying directly in ``split_dir`` (outside any class folder)."""
+    return sum(1 for e in os.scandir(split_dir) if e.is_file() and not e.name.startswith("."))
+
+
+def scan_imagefolder(
+    split_dir: Path,
+    classes: Sequence[str] | None = None,
+    root: Path | None = None,
+) -> tuple[list[str], list[Sample]]:
+    """Scan an ImageFolder split directory.
+
+    Args:
+        split_dir: Directory laid out as ``<split_dir>/<class_id>/<file>``. Files with extensions other
+            than .jpg/.jpeg/.png (any case) are skipped, counted and reported in a warning.
+        classes: Class list that defines the labels (e.g. the train classes when scanning val). When
+            None, the sorted class folders of ``split_dir`` are used.
+        root: Directory that ``Sample.source`` paths are relative to; defaults to ``split_dir.parent``
+            so sources look like ``"train/<class_id>/<file>"``.
+
+    Returns:
+        ``(classes, samples)``: the class list that defines the labels, and the samples sorted by
+        class index then path.
+
+    Raises:
+        PrepError: If the directory is missing or empty, holds no image files, or (with ``classes``
+            given) holds a class folder that is not in ``classes``.
+    """
+    split_dir = Path(split_dir)
+    root = split_dir.parent if root is None else Path(root)
+    folders = list_class_dirs(split_dir)
+    class_list = list(folders) if classes is None else list(classes)
+    index = {name: i for i, name in enumerate(class_list)}
+    unknown = [name for name in folders if name not in index]
+    if unknown:
+        raise PrepError(
+            f"{split_dir}: {len(unknown)} class folder(s) not in the train classes, "
+            f"e.g. {unknown[0]!r}; val classes must be a subset of train classes"
+        )
+    samples: list[Sample] = []
+    ignored = _count_stray_files(split_dir)
+    for name in sorted(folders, key=index.__getitem__):
+        files = _walk_files(split_dir / name)
+        images = [p for p in files if is_image_file(p)]
+        ignored += len(files) - len(images)
+        if not images:
+            logger.warning("%s: class folder %r holds no image files", split_dir, name)
+        samples.extend(Sample(p, index[name], name, _relative_source(p, root)) for p in images)
+    if ignored:
+        logger.warning(
+            "%s: skipped %d file(s) without an image extension (%s) or outside class folders",
+            split_dir, ignored, "/".join(sorted(IMAGE_EXTENSIONS)),
+        )
+    if not samples:
+        raise PrepError(f"{split_dir}: no image files (.jpg/.jpeg/.png) found in its class folders")
+    logger.info("%s: %d images in %d class folders", split_dir, len(samples), len(folders))
+    return class_list, samples

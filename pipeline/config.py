@@ -1,0 +1,250 @@
+"""The run configuration: a typed dataclass tree, one dataclass per concern.
+
+Precedence is command line (``--section.key=value``) > recipe TOML (``jobs/*.toml``) > the defaults
+below. Loading, overrides, type checking and the resolved-config dump live in
+:mod:`pipeline.config_io`; range checks that need more than a type live in each section's
+``__post_init__`` and raise :class:`ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A user error in the run configuration; the CLI reports it on one line, without a traceback."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: must be {allowed}")
+
+
+@dataclass(kw_only=True)
+class RunCfg:
+    """Identity and location of a run."""
+
+    name: str = ""
+    """Run name; the run directory is ``<output_dir>/<name>`` and the MLflow run carries it.
+    Empty: ``<recipe file stem>-<UTC timestamp>``."""
+    output_dir: str = "runs"
+    """Root of the run directories and of the project's MLflow store (``<output_dir>/mlflow.db``)."""
+    seed: int = 0
+    """Global seed: model init, data order (with the epoch) and augmentation draw from it."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Console and file log level."""
+
+
+@dataclass(kw_only=True)
+class ModelCfg:
+    """The network, built by name through timm's registry (vitpipe's models register there)."""
+
+    name: str = "vit_small_patch16_224"
+    """Registered model name, e.g. ``vit_pico_patch4_32`` or ``swin_tiny_patch4_window7_224``."""
+    num_classes: int = 0
+    """Classifier outputs; 0 takes the number of classes from the dataset's ``dataset.json``."""
+    drop_path_rate: float = 0.0
+    """Stochastic-depth rate at the last block (linearly increasing over depth)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the model's constructor (e.g. ``{ depth = 6 }``)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_classes >= 0, "model.num_classes", self.num_classes, ">= 0")
+        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class DataCfg:
+    """Input data: shards written by ``vitpipe prep`` and the CPU augmentation applied to them."""
+
+    path: str = ""
+    """Dataset directory written by ``vitpipe prep`` (it holds ``dataset.json``)."""
+    train_split: str = "train"
+    """Split used for training."""
+    val_split: str = "val"
+    """Split used for evaluation."""
+    img_size: int = 224
+    """Training and evaluation resolution (square); also passed to the model as ``img_size``."""
+    batch_size: int = 128
+    """Per-process batch size; the global batch is this × processes × gradient-accumulation steps."""
+    num_workers: int = 4
+    """Loader worker processes per training process (0 decodes in the training process)."""
+    shuffle_buffer: int = 2000
+    """Samples held by each worker's shuffle buffer (on top of the per-epoch shard shuffle)."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Random-resized-crop area range, as fractions of the image."""
+    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    """Random-resized-crop aspect-ratio range."""
+    hflip: float = 0.5
+    """Horizontal-flip probability (0 for data whose label depends on handedness, e.g. digits)."""
+    eval_crop_pct: float = 0.875
+    """Evaluation: resize the short side to ``img_size / eval_crop_pct``, then centre-crop."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel normalisation mean (0-1 scale)."""
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel normalisation standard deviation (0-1 scale)."""
+
+    def __post_init__(self) -> None:
+        _check(self.img_size >= 8, "data.img_size", self.img_size, ">= 8")
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, ">= 1")
+        lo, hi = self.crop_scale
+        _check(0 < lo <= hi <= 1, "data.crop_scale", self.crop_scale, "0 < min <= max <= 1")
+        _check(0 < self.crop_ratio[0] <= self.crop_ratio[1], "data.crop_ratio", self.crop_ratio,
+               "0 < min <= max")
+        _check(0.0 <= self.hflip <= 1.0, "data.hflip", self.hflip, "in [0, 1]")
+        _check(0.0 < self.eval_crop_pct <= 1.0, "data.eval_crop_pct", self.eval_crop_pct, "in (0, 1]")
+        _check(all(s > 0 for s in self.std), "data.std", self.std, "positive")
+
+
+@dataclass(kw_only=True)
+class OptimCfg:
+    """Optimizer (AdamW with decoupled weight decay; no decay on norms, biases and tokens)."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer."""
+    lr: float = 5e-4
+    """Peak learning rate (after warm-up), before batch scaling (see ``lr_base_batch``)."""
+    lr_base_batch: int = 0
+    """If > 0, the peak LR is ``lr × global_batch / lr_base_batch`` (DeiT: 5e-4 at 512)."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay for weight matrices and kernels."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (SGD uses ``betas[0]`` as momentum)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "> 0")
+        _check(self.lr_base_batch >= 0, "optim.lr_base_batch", self.lr_base_batch, ">= 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "in [0, 1)")
+        _check(self.clip_grad >= 0, "optim.clip_grad", self.clip_grad, ">= 0")
+
+
+@dataclass(kw_only=True)
+class LossCfg:
+    """Training objective."""
+
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy targets."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing", self.label_smoothing, "in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class ScheduleCfg:
+    """Training length and the per-step learning-rate schedule (linear warm-up, then cosine)."""
+
+    epochs: int = 300
+    """Training epochs; an epoch is ``train samples // global batch`` steps."""
+    warmup_epochs: float = 5.0
+    """Linear warm-up length from ``warmup_lr`` to the peak LR (fractions allowed)."""
+    warmup_lr: float = 1e-6
+    """Learning rate at step 0."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine decay."""
+    max_steps: int = 0
+    """If > 0, stop after this many optimizer steps (for smoke runs); the schedule still spans ``epochs``."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "schedule.epochs", self.epochs, ">= 1")
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs, ">= 0")
+        _check(self.min_lr >= 0, "schedule.min_lr", self.min_lr, ">= 0")
+        _check(self.max_steps >= 0, "schedule.max_steps", self.max_steps, ">= 0")
+
+
+@dataclass(kw_only=True)
+class EngineCfg:
+    """The distributed engine seam (accelerate); the model never sees it."""
+
+    backend: Literal["ddp"] = "ddp"
+    """Data-parallel wrapper: ``ddp`` (accelerate's DistributedDataParallel; one process also works)."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """Autocast precision of forward and backward; master weights stay fp32."""
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Collective backend: ``auto`` picks NCCL on GPUs and gloo on CPUs."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+
+    def __post_init__(self) -> None:
+        _check(self.grad_accum_steps >= 1, "engine.grad_accum_steps", self.grad_accum_steps, ">= 1")
+
+
+@dataclass(kw_only=True)
+class EvalCfg:
+    """Periodic evaluation on the validation split (top-1 / top-5)."""
+
+    every_epochs: int = 1
+    """Evaluate after every N epochs and at the end; 0 evaluates only at the end."""
+    batch_size: int = 0
+    """Per-process evaluation batch; 0 uses ``data.batch_size``."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_epochs >= 0, "eval.every_epochs", self.every_epochs, ">= 0")
+        _check(self.batch_size >= 0, "eval.batch_size", self.batch_size, ">= 0")
+
+
+@dataclass(kw_only=True)
+class CheckpointCfg:
+    """Checkpoints, written atomically under ``<run dir>/checkpoints``."""
+
+    every_steps: int = 0
+    """Save every N optimizer steps; 0 saves only at the end."""
+    keep_last: int = 2
+    """Keep this many most recent step checkpoints."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, ">= 0")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, ">= 1")
+
+
+@dataclass(kw_only=True)
+class TrackingCfg:
+    """MLflow tracking: one run per training job, created by rank 0."""
+
+    enabled: bool = True
+    """Track the run in MLflow."""
+    uri: str = ""
+    """Tracking URI; empty uses the project's SQLite store ``<run.output_dir>/mlflow.db``."""
+    experiment: str = "vitpipe"
+    """MLflow experiment name."""
+    log_every_steps: int = 10
+    """Log training metrics every N optimizer steps."""
+
+    def __post_init__(self) -> None:
+        _check(self.log_every_steps >= 1, "tracking.log_every_steps", self.log_every_steps, ">= 1")
+
+
+@dataclass(kw_only=True)
+class JobCfg:
+    """A whole run: one field per section of a recipe TOML."""
+
+    run: RunCfg = field(default_factory=RunCfg)
+    """Identity and location."""
+    model: ModelCfg = field(default_factory=ModelCfg)
+    """The network."""
+    data: DataCfg = field(default_factory=DataCfg)
+    """Shards and augmentation."""
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    """Optimizer."""
+    loss: LossCfg = field(default_factory=LossCfg)
+    """Objective."""
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    """Length and learning-rate schedule."""
+    engine: EngineCfg = field(default_factory=EngineCfg)
+    """Distributed engine."""
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    """Evaluation."""
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    """Checkpointing."""
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
+    """Experiment tracking."""

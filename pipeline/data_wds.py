@@ -1,0 +1,212 @@
+"""The CPU loader: WebDataset shards → per-epoch shard shuffle → split by rank and worker → batches.
+
+Epoch contract (training):
+
+* An epoch is ``steps_per_epoch = train_samples // (world_size × batch_size)`` batches on every
+  rank, so every rank takes the same number of optimizer steps and DDP never waits at an epoch end.
+* The shard order of epoch ``e`` is a permutation drawn from ``(seed, e)``; rank ``r`` of ``R`` takes
+  shards ``r::R`` of it and its worker ``w`` of ``W`` takes every ``W``-th of those.
+* Each worker reads its shards through a shuffle buffer seeded from ``(seed, epoch, rank, worker)``.
+  A worker whose shards run out before the rank has its batches goes on with its shards of the
+  next permutation, so shards of unequal size repeat a few samples instead of stalling a rank.
+
+Evaluation reads every sample exactly once: ranks and workers split the shards in a fixed order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_prep.shard import load_dataset_info
+
+logger = logging.getLogger(__name__)
+
+
+class LoaderError(ValueError):
+    """A user-fixable problem with the data set or the loader settings."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar shard of a split."""
+
+    url: str
+    """Path of the tar file."""
+    num_samples: int
+    """Samples it holds (from ``dataset.json``)."""
+
+
+def read_split(dataset_dir: str | Path, split: str) -> tuple[list[Shard], list[str]]:
+    """Lists a split's shards and the class ids from ``dataset.json``.
+
+    Args:
+        dataset_dir: Directory written by ``vitpipe prep``.
+        split: Split name, e.g. ``"train"``.
+
+    Returns:
+        The shards in file order, and the class ids in label order.
+    """
+    info = load_dataset_info(Path(dataset_dir))
+    if split not in info["splits"]:
+        raise LoaderError(f"{dataset_dir}: no split {split!r}; it has {', '.join(info['splits'])}")
+    folder = Path(dataset_dir) / split
+    shards = [Shard(str(folder / s["name"]), int(s["num_samples"])) for s in info["splits"][split]["shards"]]
+    return shards, list(info["classes"])
+
+
+def epoch_shard_order(shards: list[Shard], seed: int, epoch: int) -> list[Shard]:
+    """The shard permutation of one epoch, the same on every rank and worker."""
+    rng = np.random.default_rng([seed, epoch])
+    return [shards[i] for i in rng.permutation(len(shards))]
+
+
+def _decode_sample(sample: dict[str, Any]) -> tuple[Any, int]:
+    image = sample.get("jpg", sample.get("png"))
+    if image is None:
+        raise KeyError(f"sample {sample.get('__key__')} has no jpg/png component")
+    return image.convert("RGB"), int(sample["cls"])
+
+
+class ShardStream(IterableDataset):
+    """Decoded, transformed ``(image, label)`` samples of one rank, split over loader workers."""
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        transform: Callable[[Any], torch.Tensor],
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        train: bool,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        self.shards, self.transform = shards, transform
+        self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose shard order the next iteration follows."""
+        self.epoch = epoch
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def _my_shards(self, epoch: int) -> list[Shard]:
+        worker, num_workers = self._worker()
+        order = epoch_shard_order(self.shards, self.seed, epoch) if self.train else self.shards
+        return order[self.rank :: self.world_size][worker::num_workers]
+
+    def _urls(self) -> Iterator[str]:
+        if not self.train:
+            yield from (s.url for s in self._my_shards(self.epoch))
+            return
+        for lap in itertools.count():  # wrap into the next permutation rather than run dry
+            yield from (s.url for s in self._my_shards(self.epoch + lap))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        worker, _ = self._worker()
+        stages: list[Any] = [lambda: ({"url": url} for url in self._urls()),
+                             wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+        if self.train:
+            rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF)
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), rng=rng))
+        stages += [wds.decode("pil", handler=wds.warn_and_continue), wds.map(_decode_sample),
+                   wds.map_tuple(self.transform, int)]
+        yield from wds.DataPipeline(*stages)
+
+
+@dataclass
+class TrainLoader:
+    """A rank's training batches; iterate once per epoch after :meth:`set_epoch`."""
+
+    stream: ShardStream
+    loader: DataLoader
+    steps_per_epoch: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch (shard order and shuffle seeds) for the next iteration."""
+        self.stream.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for images, labels in itertools.islice(self.loader, self.steps_per_epoch):
+            yield {"image": images, "label": labels}
+
+
+def build_train_loader(
+    dataset_dir: str | Path,
+    split: str,
+    transform: Callable[[Any], torch.Tensor],
+    *,
+    batch_size: int,
+    num_workers: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    shuffle_buffer: int,
+) -> TrainLoader:
+    """Builds the training loader of one rank.
+
+    Returns:
+        A loader yielding ``{"image": B×3×H×W float32, "label": B int64}`` for ``steps_per_epoch``
+        batches per epoch, the same count on every rank.
+
+    Raises:
+        LoaderError: If there are fewer shards than ranks × workers or fewer samples than one global batch.
+    """
+    shards, _ = read_split(dataset_dir, split)
+    workers = max(num_workers, 1)
+    if len(shards) < world_size * workers:
+        raise LoaderError(
+            f"{split} has {len(shards)} shards but {world_size} ranks × {workers} workers need at least "
+            f"{world_size * workers}: re-shard with a smaller --shard-size or lower data.num_workers")
+    total = sum(s.num_samples for s in shards)
+    steps = total // (world_size * batch_size)
+    if steps == 0:
+        raise LoaderError(f"{split} has {total} samples, fewer than one global batch of "
+                          f"{world_size} × {batch_size}: lower data.batch_size")
+    stream = ShardStream(shards, transform, rank=rank, world_size=world_size, seed=seed, train=True,
+                         shuffle_buffer=shuffle_buffer)
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, drop_last=True,
+                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    logger.info("train loader: %d samples in %d shards, %d steps/epoch per rank", total, len(shards), steps)
+    return TrainLoader(stream, loader, steps)
+
+
+def build_eval_loader(
+    dataset_dir: str | Path,
+    split: str,
+    transform: Callable[[Any], torch.Tensor],
+    *,
+    batch_size: int,
+    num_workers: int,
+    rank: int,
+    world_size: int,
+) -> DataLoader:
+    """Builds an evaluation loader: this rank's share of the split, every sample exactly once overall.
+
+    Returns:
+        A DataLoader of ``(B×3×H×W float32, B int64)`` tuples; the last batch may be smaller and a
+        rank may get no batch at all when the split has fewer shards than ranks.
+    """
+    shards, _ = read_split(dataset_dir, split)
+    mine = shards[rank::world_size]
+    workers = min(num_workers, len(mine))
+    stream = ShardStream(shards, transform, rank=rank, world_size=world_size, seed=0, train=False)
+    return DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=False)

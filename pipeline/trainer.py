@@ -1,0 +1,274 @@
+"""The trainer: named ``build_*`` steps, the training step, periodic evaluation and the end of a run.
+
+No argument parsing here (see :mod:`pipeline.train`), no rank checks outside the set-up: the
+metric logger is a no-op on ranks other than 0 and checkpoints are written by the main rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.factory import count_params, create_model
+from pipeline import checkpoint as ckpt
+from pipeline.config import ConfigError, JobCfg
+from pipeline.config_io import dump_toml, flatten
+from pipeline.data_wds import build_eval_loader, build_train_loader, read_split
+from pipeline.dist import all_reduce_sum, broadcast_object
+from pipeline.engine import build_accelerator
+from pipeline.evaluate import evaluate
+from pipeline.log import setup_logging
+from pipeline.metrics import ConsoleLogger, LoggerContainer, MlflowLogger, NullLogger, default_tracking_uri
+from pipeline.optim import build_optimizer, build_scheduler, peak_lr
+from pipeline.transforms import eval_transform, train_transform
+
+logger = logging.getLogger(__name__)
+
+
+def check_data_path(cfg: JobCfg) -> None:
+    """Fails at start-up, with the key named, when ``data.path`` is not a prepared data set."""
+    if not cfg.data.path:
+        raise ConfigError("data.path = '': must name a dataset directory written by `vitpipe prep`")
+    if not (Path(cfg.data.path) / "dataset.json").is_file():
+        raise ConfigError(f"data.path = {cfg.data.path!r}: no dataset.json there; "
+                          "prepare the data with `vitpipe prep imagenet --src ... --out ...`")
+
+
+def resolve_run_dir(cfg: JobCfg, recipe_stem: str) -> Path:
+    """Picks the run directory on rank 0 (``<output_dir>/<name>``) and shares it with all ranks."""
+    name = cfg.run.name or f"{recipe_stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    run_dir = Path(cfg.run.output_dir).resolve() / name
+    return Path(broadcast_object(str(run_dir)))
+
+
+class Trainer:
+    """Trains one job; construct under the launcher, then call :meth:`fit`.
+
+    Args:
+        cfg: The resolved config.
+        recipe_stem: Recipe file name without suffix (names the run when ``run.name`` is empty).
+    """
+
+    def __init__(self, cfg: JobCfg, recipe_stem: str = "run") -> None:
+        check_data_path(cfg)
+        self.cfg = cfg
+        self.acc = build_accelerator(cfg.engine)
+        self.rank, self.world_size = self.acc.process_index, self.acc.num_processes
+        self.device = self.acc.device
+        self.run_dir = resolve_run_dir(cfg, recipe_stem)
+        self.build_run_dir()
+        self.build_data()
+        self.build_model()
+        self.build_optimizer()
+        self.build_tracking()
+        self.step, self.epoch = 0, 0
+
+    # ----------------------------------------------------------------- set-up
+    def build_run_dir(self) -> None:
+        """Creates the run directory, the per-rank logs and the resolved ``config.toml``."""
+        if self.acc.is_main_process:
+            if (self.run_dir / "config.toml").exists():
+                raise ConfigError(f"run.name = {self.run_dir.name!r}: {self.run_dir} already holds a run; "
+                                  "choose another run.name")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_bytes(self.run_dir / "config.toml", dump_toml(self.cfg).encode())
+        self.acc.wait_for_everyone()
+        setup_logging(self.rank, self.run_dir, self.cfg.run.log_level)
+        logger.info("run directory %s", self.run_dir)
+
+    def build_data(self) -> None:
+        """Builds this rank's training and evaluation loaders."""
+        d = self.cfg.data
+        _, self.classes = read_split(d.path, d.train_split)
+        self.train_loader = build_train_loader(
+            d.path, d.train_split, train_transform(d), batch_size=d.batch_size, num_workers=d.num_workers,
+            rank=self.rank, world_size=self.world_size, seed=self.cfg.run.seed, shuffle_buffer=d.shuffle_buffer)
+        self.eval_loader = build_eval_loader(
+            d.path, d.val_split, eval_transform(d), batch_size=self.cfg.eval.batch_size or d.batch_size,
+            num_workers=d.num_workers, rank=self.rank, world_size=self.world_size)
+
+    def build_model(self) -> None:
+        """Builds the model (same init on every rank), then wraps it through the engine."""
+        m = self.cfg.model
+        _seed_everything(self.cfg.run.seed)
+        net = create_model(m.name, num_classes=m.num_classes or len(self.classes), img_size=self.cfg.data.img_size,
+                           drop_path_rate=m.drop_path_rate, **m.kwargs)
+        self.num_params = count_params(net)
+        logger.info("model %s: %.3f M parameters", m.name, self.num_params / 1e6)
+        _seed_everything(self.cfg.run.seed + 1000 * self.rank)  # different augmentation per rank
+        self.net = net
+
+    def build_optimizer(self) -> None:
+        """Builds optimizer and per-step scheduler, then prepares model and optimizer with the engine."""
+        self.global_batch = self.cfg.data.batch_size * self.world_size * self.cfg.engine.grad_accum_steps
+        self.peak_lr = peak_lr(self.cfg.optim, self.global_batch)
+        opt = build_optimizer(self.net, self.cfg.optim, self.peak_lr)
+        self.model, self.optimizer = self.acc.prepare(self.net, opt)
+        self.steps_per_epoch = len(self.train_loader) // self.cfg.engine.grad_accum_steps
+        self.total_steps = self.cfg.schedule.epochs * self.steps_per_epoch
+        if self.cfg.schedule.max_steps:
+            self.total_steps = min(self.total_steps, self.cfg.schedule.max_steps)
+        # Not prepared by accelerate: it is stepped once per optimizer step, on every rank.
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.steps_per_epoch, self.peak_lr)
+
+    def build_tracking(self) -> None:
+        """Rank 0 creates the one MLflow run of this job and shares its id with the other ranks."""
+        t = self.cfg.tracking
+        self.metrics: Any = NullLogger()
+        run_id = None
+        if self.acc.is_main_process:
+            loggers: list[Any] = [ConsoleLogger()]
+            if t.enabled:
+                uri = t.uri or default_tracking_uri(self.cfg.run.output_dir)
+                tags = {"vitpipe.run_dir": str(self.run_dir), "vitpipe.world_size": str(self.world_size),
+                        "vitpipe.model": self.cfg.model.name}
+                loggers.append(MlflowLogger(uri, t.experiment, self.run_dir.name, flatten(self.cfg), tags))
+            self.metrics = LoggerContainer(loggers)
+            run_id = self.metrics.run_id
+        self.mlflow_run_id = broadcast_object(run_id)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        """Trains for the configured length, evaluating and checkpointing on schedule.
+
+        Returns:
+            The run summary (also written to ``<run dir>/summary.json``).
+        """
+        start, status, result = time.perf_counter(), "FAILED", {}
+        try:
+            while self.step < self.total_steps:
+                self.train_one_epoch()
+                self.epoch += 1
+                every = self.cfg.eval.every_epochs
+                if every and self.epoch % every == 0 and self.step < self.total_steps:
+                    self.run_eval()
+            result = self.run_eval()
+            self.save_final()
+            status = "FINISHED"
+        finally:
+            summary = self.summary(result, time.perf_counter() - start, status)
+            self.metrics.close(status)
+        return summary
+
+    def train_one_epoch(self) -> None:
+        """Runs one epoch (or up to ``total_steps``), logging every ``tracking.log_every_steps`` steps."""
+        self.model.train()
+        self.train_loader.set_epoch(self.epoch)
+        meter = _Meter()
+        t_wait = time.perf_counter()
+        for micro, batch in enumerate(self.train_loader):
+            meter.wait += time.perf_counter() - t_wait
+            loss = self.train_micro_step(batch)
+            meter.add(loss, batch["label"].numel())
+            if (micro + 1) % self.cfg.engine.grad_accum_steps == 0:
+                self.step += 1
+                if self.step % self.cfg.tracking.log_every_steps == 0 or self.step == self.total_steps:
+                    self.metrics.log(meter.flush(self.scheduler.get_last_lr()[0], self.world_size), self.step)
+                if self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    break
+            t_wait = time.perf_counter()
+
+    def train_micro_step(self, batch: dict[str, torch.Tensor]) -> float:
+        """Forward, backward and (at accumulation boundaries) the optimizer and scheduler step.
+
+        Returns:
+            The micro-batch loss.
+        """
+        images = batch["image"].to(self.device, non_blocking=True)  # B×3×H×W
+        labels = batch["label"].to(self.device, non_blocking=True)  # B
+        with self.acc.accumulate(self.model):
+            with self.acc.autocast():
+                logits = self.model(images)  # B×classes
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.loss.label_smoothing)
+            self.acc.backward(loss)
+            if self.acc.sync_gradients:
+                if self.cfg.optim.clip_grad:
+                    self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+                self.optimizer.step()
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def run_eval(self) -> dict[str, float]:
+        """Evaluates the live weights on the validation split and logs ``val/*`` metrics."""
+        dtype = torch.bfloat16 if self.cfg.engine.mixed_precision == "bf16" else None
+        result = evaluate(self.acc.unwrap_model(self.model), self.eval_loader, self.device, dtype)
+        self.metrics.log({"val/top1": result["top1"], "val/top5": result["top5"], "val/loss": result["loss"],
+                          "epoch": float(self.epoch)}, self.step)
+        return result
+
+    # ------------------------------------------------------------ persistence
+    def state(self) -> dict[str, Any]:
+        """Everything a resume needs (model, optimizer, scheduler, counters, MLflow run id)."""
+        return {"model": self.acc.unwrap_model(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "mlflow_run_id": self.mlflow_run_id, "config": dump_toml(self.cfg)}
+
+    def save_checkpoint(self) -> None:
+        """Saves a step checkpoint (main rank) and waits for every rank."""
+        if self.acc.is_main_process:
+            ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.state(),
+                                 self.cfg.checkpoint.keep_last)
+        self.acc.wait_for_everyone()
+
+    def save_final(self) -> None:
+        """Saves the last checkpoint and the fp32 weight export, and logs them to MLflow."""
+        self.save_checkpoint()
+        if self.acc.is_main_process:
+            weights = ckpt.export_weights(self.acc.unwrap_model(self.model).state_dict(),
+                                          self.run_dir / "final" / "model.safetensors")
+            self.metrics.log_artifact(weights, "checkpoint")
+            self.metrics.log_artifact(self.run_dir / "config.toml")
+        self.acc.wait_for_everyone()
+
+    def summary(self, result: dict[str, float], seconds: float, status: str) -> dict[str, Any]:
+        """Writes ``summary.json`` (main rank), logs the log file to MLflow and returns the summary."""
+        out = {"status": status, "run_dir": str(self.run_dir), "mlflow_run_id": self.mlflow_run_id,
+               "tracking_uri": self.cfg.tracking.uri or default_tracking_uri(self.cfg.run.output_dir),
+               "model": self.cfg.model.name, "params": self.num_params, "steps": self.step, "epochs": self.epoch,
+               "world_size": self.world_size, "seconds": round(seconds, 1),
+               "val_top1": result.get("top1"), "val_top5": result.get("top5"), "val_samples": result.get("samples")}
+        if self.acc.is_main_process:
+            ckpt.atomic_write_bytes(self.run_dir / "summary.json", json.dumps(out, indent=2).encode())
+            self.metrics.log_artifact(self.run_dir / "summary.json")
+            self.metrics.log_artifact(self.run_dir / "log.rank0.txt", "logs")
+        return out
+
+
+class _Meter:
+    """Running loss and throughput between two metric log lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.batches, self.samples, self.wait, self.t0 = 0.0, 0, 0, 0.0, time.perf_counter()
+
+    def add(self, loss: float, samples: int) -> None:
+        self.loss, self.batches, self.samples = self.loss + loss, self.batches + 1, self.samples + samples
+
+    def flush(self, lr: float, world_size: int) -> dict[str, float]:
+        """Returns loss (mean over ranks), lr, global img/s and data-wait fraction, then resets."""
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        loss_sum, batches = all_reduce_sum([self.loss, float(self.batches)])
+        out = {"train/loss": loss_sum / max(batches, 1.0), "train/lr": lr,
+               "train/img_per_s": self.samples * world_size / elapsed, "train/data_wait": self.wait / elapsed}
+        self.reset()
+        return out
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

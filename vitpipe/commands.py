@@ -1,0 +1,134 @@
+"""Parsers and handlers of the ``vitpipe`` subcommands (``prep`` lives in :mod:`data_prep.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("vitpipe")
+
+_TRAIN_EPILOG = """\
+examples:
+  vitpipe train jobs/demo/vitpico_digits_cls_cpu.toml --data.path=runs/demo-data/digits-shards
+  vitpipe train RECIPE --nproc-per-node 2 --run.name=try2        # torchrun on this machine
+  torchrun --nproc_per_node 2 -m pipeline.train RECIPE ...       # the same, launched by hand
+
+The run directory <run.output_dir>/<run.name> receives config.toml (the resolved config),
+log.rank{N}.txt, checkpoints/, final/model.safetensors and summary.json; the MLflow run
+goes to <run.output_dir>/mlflow.db unless tracking.uri says otherwise.
+"""
+
+
+def add_demo_parser(sub: Any, formatter: Any) -> None:
+    """Adds ``vitpipe demo``."""
+    from vitpipe.demo import DEMO_DESCRIPTION, run_demo_command
+
+    p = sub.add_parser("demo", help="run the whole path on the embedded digits data set",
+                       description=DEMO_DESCRIPTION, formatter_class=formatter)
+    p.add_argument("--out", default="runs", help="runs directory (default: %(default)s)")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="training processes (N > 1 uses torchrun with gloo; default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="a faster, smaller variant (subset of digits, tiny model, few epochs) for tests")
+    p.set_defaults(func=run_demo_command, accepts_overrides=True)
+
+
+def add_train_parser(sub: Any, formatter: Any, overrides_help: str) -> None:
+    """Adds ``vitpipe train``."""
+    p = sub.add_parser("train", help="train from a recipe", formatter_class=formatter,
+                       description="Train a model from a recipe TOML (jobs/...), with overrides.",
+                       epilog=overrides_help + "\n" + _TRAIN_EPILOG)
+    p.add_argument("recipe", help="recipe TOML file, e.g. jobs/demo/vitpico_digits_cls_cpu.toml")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="start N processes with torchrun on this machine (default: %(default)s)")
+    p.set_defaults(func=run_train_command, accepts_overrides=True)
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    """Trains in this process, or under torchrun when ``--nproc-per-node`` > 1."""
+    if args.nproc_per_node > 1:
+        from pipeline.config_io import load_config
+        from vitpipe.cli import torchrun
+
+        load_config(args.recipe, args.overrides)  # fail here, once, rather than in every rank
+        return torchrun(args.nproc_per_node, ["-m", "pipeline.train", args.recipe, *args.overrides])
+    from pipeline.train import run
+
+    summary = run(args.recipe, args.overrides)
+    return 0 if summary["status"] == "FINISHED" else 1
+
+
+def add_eval_parser(sub: Any, formatter: Any, overrides_help: str) -> None:
+    """Adds ``vitpipe eval``."""
+    p = sub.add_parser("eval", help="evaluate a run's weights (top-1/top-5)", formatter_class=formatter,
+                       description="Evaluate a finished run's exported weights (or another weights file) "
+                                   "on a split, with the run's resolved config.",
+                       epilog=overrides_help + "\nexample:\n  vitpipe eval runs/demo-digits-20261122-101500\n")
+    p.add_argument("run_dir", help="run directory (holds config.toml and final/model.safetensors)")
+    p.add_argument("--weights", help="weights file (default: RUN_DIR/final/model.safetensors)")
+    p.add_argument("--split", help="split to evaluate (default: the config's data.val_split)")
+    p.set_defaults(func=run_eval_command, accepts_overrides=True)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """Evaluates and prints the result as one JSON line on stdout."""
+    from vitpipe.evaluation import evaluate_run
+
+    result = evaluate_run(Path(args.run_dir), args.weights, args.split, args.overrides)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+def add_config_parser(sub: Any, formatter: Any, overrides_help: str) -> None:
+    """Adds ``vitpipe config``."""
+    p = sub.add_parser("config", help="show the resolved config of a recipe, or every key", epilog=overrides_help,
+                       description="Print the resolved config (recipe + overrides + defaults) as TOML.",
+                       formatter_class=formatter)
+    p.add_argument("recipe", nargs="?", help="recipe TOML (default: the built-in defaults)")
+    p.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+    p.set_defaults(func=run_config_command, accepts_overrides=True)
+
+
+def run_config_command(args: argparse.Namespace) -> int:
+    """Prints the resolved config, or the documented key list."""
+    from pipeline.config_io import dump_toml, field_docs, load_config
+
+    if args.keys:
+        for key, default, doc in field_docs():
+            sys.stdout.write(f"{key} = {default}\n    {doc}\n")
+        return 0
+    sys.stdout.write(dump_toml(load_config(args.recipe, args.overrides)))
+    return 0
+
+
+def add_models_parser(sub: Any, formatter: Any) -> None:
+    """Adds ``vitpipe models``."""
+    p = sub.add_parser("models", help="list registered model names", formatter_class=formatter,
+                       description="List model names that `model.name` accepts (vitpipe's and timm's).")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'vit_*' (default: all)")
+    p.set_defaults(func=run_models_command)
+
+
+def run_models_command(args: argparse.Namespace) -> int:
+    """Prints one registered model name per line."""
+    from model import list_models
+
+    sys.stdout.write("\n".join(list_models(args.pattern)) + "\n")
+    return 0
+
+
+def add_ui_parser(sub: Any, formatter: Any) -> None:
+    """Adds ``vitpipe ui``."""
+    from vitpipe.ui import run_ui_command
+
+    p = sub.add_parser("ui", help="serve the MLflow UI over the project's tracking store",
+                       formatter_class=formatter,
+                       description="Start the MLflow tracking UI on 127.0.0.1 over <runs>/mlflow.db and print "
+                                   "its address; stop it with Ctrl-C.")
+    p.add_argument("--runs", default="runs", help="runs directory holding mlflow.db (default: %(default)s)")
+    p.add_argument("--port", type=int, default=5000, help="port; 0 picks a free one (default: %(default)s)")
+    p.set_defaults(func=run_ui_command)

@@ -1,0 +1,40 @@
+"""``vitpipe eval``: evaluate a run's weights with the run's own resolved config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vitpipe.cli import UserError
+
+
+def evaluate_run(run_dir: Path, weights: str | None, split: str | None, overrides: list[str]) -> dict[str, Any]:
+    """Builds the run's model, loads the weights strictly and evaluates a split in this process.
+
+    Returns:
+        ``{"top1", "top5", "loss", "samples", "split", "weights"}``.
+    """
+    import torch
+
+    from model.factory import create_model
+    from pipeline.config_io import load_config
+    from pipeline.data_wds import build_eval_loader, read_split
+    from pipeline.evaluate import evaluate
+    from pipeline.transforms import eval_transform
+
+    config = run_dir / "config.toml"
+    if not config.is_file():
+        raise UserError(f"{run_dir} is not a run directory: no config.toml")
+    cfg = load_config(config, overrides)
+    weights_path = Path(weights) if weights else run_dir / "final" / "model.safetensors"
+    if not weights_path.is_file():
+        raise UserError(f"weights {weights_path} not found")
+    split = split or cfg.data.val_split
+    _, classes = read_split(cfg.data.path, cfg.data.train_split)
+    net = create_model(cfg.model.name, num_classes=cfg.model.num_classes or len(classes),
+                       img_size=cfg.data.img_size, checkpoint_path=str(weights_path), **cfg.model.kwargs)
+    loader = build_eval_loader(cfg.data.path, split, eval_transform(cfg.data),
+                               batch_size=cfg.eval.batch_size or cfg.data.batch_size,
+                               num_workers=cfg.data.num_workers, rank=0, world_size=1)
+    result = evaluate(net, loader, torch.device("cpu"))
+    return {**result, "split": split, "weights": str(weights_path)}
