@@ -36,7 +36,7 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def vit_pico_patch4_32(**overrides: Any) -> VisionTransformer:
-    """ViT-Pico/4 at 32×32: 64 patches, width 96, depth 4, 3 heads (≈0.32 M parameters at 10 classes)."""
+    """ViT-Pico/4 at 32×32: 64 patches, width 96, depth 4, 3 heads (311,338 parameters at 10 classes)."""
     defaults = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, num_classes=10)
     return _create("vit_pico_patch4_32", defaults, overrides)
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.factory import count_params, create_model
+from model.registry import is_model
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, JobCfg
 from pipeline.config_io import dump_toml, flatten
@@ -34,8 +35,10 @@ from pipeline.transforms import eval_transform, train_transform
 logger = logging.getLogger(__name__)
 
 
-def check_data_path(cfg: JobCfg) -> None:
-    """Fails at start-up, with the key named, when ``data.path`` is not a prepared data set."""
+def check_startup(cfg: JobCfg) -> None:
+    """Fails before anything is created, naming the key, for an unknown model or missing data."""
+    if not is_model(cfg.model.name):
+        raise ConfigError(f"model.name = {cfg.model.name!r}: not a registered model (see `vitpipe models`)")
     if not cfg.data.path:
         raise ConfigError("data.path = '': must name a dataset directory written by `vitpipe prep`")
     if not (Path(cfg.data.path) / "dataset.json").is_file():
@@ -59,7 +62,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: JobCfg, recipe_stem: str = "run") -> None:
-        check_data_path(cfg)
+        check_startup(cfg)
         self.cfg = cfg
         self.acc = build_accelerator(cfg.engine)
         self.rank, self.world_size = self.acc.process_index, self.acc.num_processes

@@ -31,7 +31,8 @@ def start_server(store: Path, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store.resolve()}",
            "--default-artifact-root", (store.parent / "mlartifacts").resolve().as_uri(),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    return subprocess.Popen(cmd, env=env, start_new_session=True)
+    # The server's own output goes to stderr: stdout carries only the address line.
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=sys.stderr.fileno())
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:

@@ -1,0 +1,65 @@
+"""The command line: useful help everywhere, one-line user errors without tracebacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+COMMANDS = ["demo", "prep", "prep imagenet", "train", "eval", "config", "models", "ui"]
+
+
+def test_top_level_help_lists_every_command() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("demo", "prep", "train", "eval", "ui", "config", "models"):
+        assert f"    {command}" in proc.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_subcommand_help(command: str) -> None:
+    proc = run_cli(*command.split(), "--help")
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) > 6, proc.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--optim.lrr=1", "unknown key 'optim.lrr'"),
+    ("--data.batch_size=big", "data.batch_size = 'big': must be an integer"),
+    ("--data.path=/no/such/dataset", "data.path = '/no/such/dataset': no dataset.json there"),
+])
+def test_bad_config_fails_at_start_with_one_line(override: str, message: str, tmp_path: Path) -> None:
+    proc = run_cli("train", "jobs/demo/vitnano_digits_cls_cpu_quick.toml", override,
+                   f"--run.output_dir={tmp_path}", timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+
+
+def test_missing_recipe_and_unknown_model(digits_shards: Path, tmp_path: Path) -> None:
+    proc = run_cli("train", "jobs/nope.toml", timeout=120)
+    assert proc.returncode == 2 and "recipe 'jobs/nope.toml' not found" in proc.stderr
+    proc = run_cli("train", "jobs/demo/vitnano_digits_cls_cpu_quick.toml", f"--data.path={digits_shards}",
+                   "--model.name=vit_nope", f"--run.output_dir={tmp_path}", "--tracking.enabled=false", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "model.name = 'vit_nope': not a registered model" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing was created
+
+
+def test_config_command_prints_resolved_toml_and_keys() -> None:
+    proc = run_cli("config", "jobs/demo/vitpico_digits_cls_cpu.toml", "--optim.lr=0.01")
+    assert proc.returncode == 0 and "lr = 0.01" in proc.stdout and 'name = "vit_pico_patch4_32"' in proc.stdout
+    keys = run_cli("config", "--keys")
+    assert "data.crop_scale = [0.08, 1.0]" in keys.stdout
+
+
+def test_overrides_rejected_where_not_accepted() -> None:
+    proc = run_cli("models", "--optim.lr=1")
+    assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
+
+
+def test_root_has_no_machine_paths() -> None:
+    tracked = [p for p in ROOT.glob("jobs/**/*.toml")]
+    assert tracked and not any("/work/" in p.read_text() or "/home/" in p.read_text() for p in tracked)
