@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,18 +123,17 @@ def run_prep_imagenet(args: argparse.Namespace) -> int:
         args: Namespace with ``src``, ``out``, ``shard_size``, ``seed`` and (optionally) ``workers``.
 
     Returns:
-        0 on success, 1 if the input is unusable (the reason is logged as an error).
+        0 on success.
+
+    Raises:
+        PrepError: If the input is unusable (the caller reports it on one line).
     """
     from data_prep.shard import prep_imagefolder  # heavy imports (pyarrow, PIL) only when run
 
-    try:
-        info = prep_imagefolder(
-            Path(args.src), Path(args.out), shard_size=args.shard_size, seed=args.seed,
-            workers=getattr(args, "workers", 8),
-        )
-    except PrepError as exc:
-        logger.error("prep imagenet failed: %s", exc)
-        return 1
+    info = prep_imagefolder(
+        Path(args.src), Path(args.out), shard_size=args.shard_size, seed=args.seed,
+        workers=getattr(args, "workers", 8),
+    )
     parts = [
         f"{name}: {s['num_samples']} samples in {len(s['shards'])} shards"
         for name, s in info["splits"].items()
@@ -158,4 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     add_prep_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except PrepError as exc:
+        sys.stderr.write(f"prep: error: {exc}\n")
+        return 2

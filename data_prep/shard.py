@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import PrepError
-from data_prep.manifest import ManifestRow, ManifestWriter
 from data_prep.loading import Loaded, load_sample, ordered_map
+from data_prep.manifest import ManifestRow, ManifestWriter
 from data_prep.probe import ImageInfo
 from data_prep.scan import Sample, scan_imagefolder
 from data_prep.tarwrite import TarShardWriter, atomic_write_bytes

@@ -1,4 +1,4 @@
-"""Deterministic WebDataset tar writer that writes the DALI index alongside.
+r"""Deterministic WebDataset tar writer that writes the DALI index alongside.
 
 The tar is byte-identical for identical input: every member header has fixed fields (mtime 0, uid/gid
 0, empty uname/gname, mode 0o644, regular file, USTAR format) and members are written in the order
@@ -209,7 +209,7 @@ class TarShardWriter:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` through a temporary file and ``os.replace``."""
+    r"""Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` through a temporary file and ``os.replace``."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 

@@ -7,7 +7,6 @@ container. Other ranks get :class:`NullLogger`, so the trainer never checks the 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -92,7 +91,6 @@ class MlflowLogger(NullLogger):
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]):
-        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(uri)

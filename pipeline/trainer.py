@@ -46,11 +46,21 @@ def check_startup(cfg: JobCfg) -> None:
                           "prepare the data with `vitpipe prep imagenet --src ... --out ...`")
 
 
-def resolve_run_dir(cfg: JobCfg, recipe_stem: str) -> Path:
-    """Picks the run directory on rank 0 (``<output_dir>/<name>``) and shares it with all ranks."""
+def resolve_run_dir(cfg: JobCfg, recipe_stem: str, is_main: bool) -> Path:
+    """Picks the run directory on rank 0 (``<output_dir>/<name>``) and shares it with all ranks.
+
+    Raises:
+        ConfigError: On every rank, when the directory already holds a run.
+    """
     name = cfg.run.name or f"{recipe_stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.run.output_dir).resolve() / name
-    return Path(broadcast_object(str(run_dir)))
+    error = None
+    if is_main and (run_dir / "config.toml").exists():
+        error = f"run.name = {name!r}: {run_dir} already holds a run; choose another run.name"
+    run_dir_text, error = broadcast_object((str(run_dir), error))
+    if error:  # raised on every rank, so that none waits for the others
+        raise ConfigError(error)
+    return Path(run_dir_text)
 
 
 class Trainer:
@@ -67,7 +77,7 @@ class Trainer:
         self.acc = build_accelerator(cfg.engine)
         self.rank, self.world_size = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
-        self.run_dir = resolve_run_dir(cfg, recipe_stem)
+        self.run_dir = resolve_run_dir(cfg, recipe_stem, self.acc.is_main_process)
         self.build_run_dir()
         self.build_data()
         self.build_model()
@@ -79,9 +89,6 @@ class Trainer:
     def build_run_dir(self) -> None:
         """Creates the run directory, the per-rank logs and the resolved ``config.toml``."""
         if self.acc.is_main_process:
-            if (self.run_dir / "config.toml").exists():
-                raise ConfigError(f"run.name = {self.run_dir.name!r}: {self.run_dir} already holds a run; "
-                                  "choose another run.name")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_bytes(self.run_dir / "config.toml", dump_toml(self.cfg).encode())
         self.acc.wait_for_everyone()

@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 logger = logging.getLogger("vitpipe")
 
@@ -122,8 +120,6 @@ def torchrun(nproc: int, module_args: list[str]) -> int:
     Returns:
         torchrun's exit status.
     """
-    if shutil.which("torchrun") is None and not Path(sys.executable).exists():
-        raise UserError("torchrun not found")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            *module_args]
     logger.info("launching: %s", " ".join(cmd))

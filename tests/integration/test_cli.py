@@ -44,7 +44,8 @@ def test_missing_recipe_and_unknown_model(digits_shards: Path, tmp_path: Path) -
     assert proc.returncode == 2 and "recipe 'jobs/nope.toml' not found" in proc.stderr
     proc = run_cli("train", "jobs/demo/vitnano_digits_cls_cpu_quick.toml", f"--data.path={digits_shards}",
                    "--model.name=vit_nope", f"--run.output_dir={tmp_path}", "--tracking.enabled=false", timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "model.name = 'vit_nope': not a registered model" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.name = 'vit_nope': not a registered model" in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing was created
 
 
@@ -63,3 +64,13 @@ def test_overrides_rejected_where_not_accepted() -> None:
 def test_root_has_no_machine_paths() -> None:
     tracked = [p for p in ROOT.glob("jobs/**/*.toml")]
     assert tracked and not any("/work/" in p.read_text() or "/home/" in p.read_text() for p in tracked)
+
+
+def test_existing_run_is_refused_on_every_rank_without_hanging(digits_shards: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.toml").write_text("")
+    proc = run_cli("train", "jobs/demo/vitnano_digits_cls_cpu_quick.toml", "--nproc-per-node", "2",
+                   f"--data.path={digits_shards}", f"--run.output_dir={tmp_path}", "--run.name=taken",
+                   "--tracking.enabled=false", timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("already holds a run; choose another run.name") == 2  # both ranks say it

@@ -18,7 +18,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import model  # noqa: F401  (registers vitpipe's models with timm)
-
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from pipeline.config import DataCfg
-from pipeline.data_wds import LoaderError, build_eval_loader, build_train_loader, epoch_shard_order, read_split
+from pipeline.data_wds import (
+    LoaderError,
+    build_eval_loader,
+    build_train_loader,
+    epoch_shard_order,
+    read_split,
+)
 from pipeline.transforms import eval_transform, train_transform
 
 DATA = DataCfg(img_size=32, batch_size=16, hflip=0.0, crop_scale=(0.8, 1.0))
