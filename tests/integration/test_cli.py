@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, run_cli
 
@@ -74,3 +76,20 @@ def test_existing_run_is_refused_on_every_rank_without_hanging(digits_shards: Pa
                    "--tracking.enabled=false", timeout=180)
     assert proc.returncode != 0
     assert proc.stderr.count("already holds a run; choose another run.name") == 2  # both ranks say it
+
+
+def test_bf16_accumulation_and_checkpoint_rotation(digits_shards: Path, tmp_path: Path) -> None:
+    proc = run_cli("train", "jobs/demo/vitnano_digits_cls_cpu_quick.toml", f"--data.path={digits_shards}",
+                   f"--run.output_dir={tmp_path}", "--run.name=bf16", "--engine.mixed_precision=bf16",
+                   "--engine.grad_accum_steps=2", "--schedule.max_steps=6", "--checkpoint.every_steps=2",
+                   "--checkpoint.keep_last=2", "--tracking.enabled=false", "--eval.every_epochs=0", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "bf16"
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt"))
+    assert ckpts == ["step_00000004.pt", "step_00000006.pt"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006.pt"
+    state = torch.load(run_dir / "checkpoints" / "step_00000006.pt", weights_only=False)
+    assert state["step"] == 6 and state["scheduler"]["last_epoch"] == 6
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "FINISHED" and summary["steps"] == 6 and summary["val_samples"] == 359
+    assert not list(run_dir.glob("**/.*tmp*"))  # no temporary files left behind
