@@ -1,0 +1,1 @@
+"""Shared building blocks of vitpipe's architectures; import from the submodules directly."""
