@@ -8,6 +8,7 @@ process group → model on device → DDP wrapper (accelerate) → optimizer bou
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 
 import torch
@@ -26,6 +27,8 @@ def build_accelerator(cfg: EngineCfg) -> Accelerator:
     NCCL is used on GPU machines and gloo on CPUs unless ``cfg.dist_backend`` names one.
     """
     use_cuda = torch.cuda.is_available()
+    if not use_cuda:  # DeepSpeed (imported by accelerate) otherwise warns in every process that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
     launched = world_info_from_env().world_size > 1
     # A backend named for a single un-launched process makes accelerate expect a process group.

@@ -88,7 +88,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def format_summary(s: dict[str, Any], out: Path) -> str:
     """The closing message: result, where the run lives, how to look at it."""
     return (
-        f"\nvitpipe demo finished ({s['status']}) in {s['seconds']:.0f} s on {s['world_size']} process(es)\n"
+        f"\nvitpipe demo {s['status'].lower()}: trained in {s['seconds']:.0f} s on {s['world_size']} process(es)\n"
         f"  model          {s['model']} ({s['params'] / 1e6:.2f} M parameters), {s['steps']} steps\n"
         f"  held-out top-1 {s['val_top1']:.2f} %   top-5 {s['val_top5']:.2f} %   ({s['val_samples']:.0f} images)\n"
         f"  run directory  {s['run_dir']}\n"

@@ -51,7 +51,7 @@ def test_demo_learns_and_leaves_one_tracked_run(demo_run: tuple[Path, Path]) -> 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "FINISHED" and summary["world_size"] == 1
     assert summary["val_samples"] == 359
-    assert summary["val_top1"] >= 50.0, summary  # chance is 10 %; the quick demo reaches ~64 %
+    assert summary["val_top1"] >= 50.0, summary  # chance is 10 %; the quick demo reaches ~70 %
     client, run = _only_run(runs)
     assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
     assert run.data.params["model.name"] == "vit_nano_patch8_32"
@@ -107,7 +107,7 @@ def test_demo_under_torchrun_two_processes(tmp_path: Path) -> None:
     run_dir = _summary(proc.stdout)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["val_samples"] == 359
-    assert summary["val_top1"] >= 40.0, summary  # half the steps of one process at twice the batch
+    assert summary["val_top1"] >= 40.0, summary  # half the steps of one process at twice the batch (~57 %)
     assert (run_dir / "log.rank1.txt").is_file() and (run_dir / "log.rank0.txt").is_file()
     _, run = _only_run(tmp_path)  # one MLflow run for the job, not one per rank
     assert run.data.params["engine.backend"] == "ddp" and run.data.tags["vitpipe.world_size"] == "2"
