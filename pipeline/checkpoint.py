@@ -66,6 +66,32 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def load_latest(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """Loads the newest readable checkpoint: the ``latest`` one, else older ones, newest first.
+
+    A corrupt or truncated file is skipped with a warning naming it (a crash can leave one when the
+    file system does not honour the rename order).
+
+    Returns:
+        ``(path, state)``, or None when no checkpoint can be read.
+    """
+    candidates = sorted(ckpt_dir.glob("step_*.pt"), reverse=True)
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        candidates = [latest, *[c for c in candidates if c != latest]]
+    for path in candidates:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file means "try the previous one"
+            logger.warning("checkpoint %s is unreadable (%s): trying the previous one", path, err)
+            continue
+        if not isinstance(state, dict) or "step" not in state:
+            logger.warning("checkpoint %s is incomplete: trying the previous one", path)
+            continue
+        return path, state
+    return None
+
+
 def export_weights(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
     """Writes fp32, contiguous weights as safetensors (atomically).
 

@@ -201,10 +201,15 @@ class CheckpointCfg:
     """Save every N optimizer steps; 0 saves only at the end."""
     keep_last: int = 2
     """Keep this many most recent step checkpoints."""
+    resume: bool = True
+    """Resume automatically from the run directory's latest checkpoint when there is one."""
+    preempt_timeout_s: float = 300.0
+    """After SIGUSR1/SIGTERM, exit (status 75) at the latest this many seconds later, checkpoint or not."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, ">= 0")
         _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, ">= 1")
+        _check(self.preempt_timeout_s > 0, "checkpoint.preempt_timeout_s", self.preempt_timeout_s, "> 0")
 
 
 @dataclass(kw_only=True)

@@ -9,15 +9,25 @@ Epoch contract (training):
 * Each worker reads its shards through a shuffle buffer seeded from ``(seed, epoch, rank, worker)``.
   A worker whose shards run out before the rank has its batches goes on with its shards of the
   next permutation, so shards of unequal size repeat a few samples instead of stalling a rank.
+* Each sample's augmentation draws from its own seed, derived from ``(seed, epoch, rank, worker,
+  position in the worker's stream)``; nothing depends on process-global random state.
+
+Resume: ``set_epoch(epoch, skip_batches=k)`` yields exactly the batches ``k, k+1, ...`` that an
+uninterrupted epoch would have yielded, bit for bit. Workers drop their share of the first ``k``
+batches right after the shuffle buffer, before decoding (batch ``j`` of an epoch comes from worker
+``j mod W``: PyTorch's DataLoader fetches from its workers in turn, so after a resume the worker
+roles are rotated by ``k mod W``). Nothing is repeated or lost.
 
 Evaluation reads every sample exactly once: ranks and workers split the shards in a fixed order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,15 +105,22 @@ class ShardStream(IterableDataset):
         self.shards, self.transform = shards, transform
         self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
         self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
+        self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch whose shard order the next iteration follows."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+        """Selects the epoch of the next iteration and how many of its batches were already consumed."""
+        self.epoch, self.skip_batches, self.batch_size = epoch, skip_batches, batch_size
 
     def _worker(self) -> tuple[int, int]:
+        """Returns (logical worker id, number of workers).
+
+        After ``k`` consumed batches the DataLoader's first worker plays the part of worker ``k mod W``,
+        whose batch comes next in the uninterrupted order.
+        """
         info = get_worker_info()
-        return (0, 1) if info is None else (info.id, info.num_workers)
+        if info is None:
+            return 0, 1
+        return (info.id + self.skip_batches) % info.num_workers, info.num_workers
 
     def _my_shards(self, epoch: int) -> list[Shard]:
         worker, num_workers = self._worker()
@@ -122,11 +139,47 @@ class ShardStream(IterableDataset):
         stages: list[Any] = [lambda: ({"url": url} for url in self._urls()),
                              wds.tarfile_to_samples(handler=wds.warn_and_continue)]
         if self.train:
-            rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF)
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), rng=rng))
-        stages += [wds.decode("pil", handler=wds.warn_and_continue), wds.map(_decode_sample),
-                   wds.map_tuple(self.transform, int)]
+            rng = random.Random(_seed_of(self.seed, self.epoch, self.rank, worker))
+            stages += [wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), rng=rng),
+                       self._number_and_skip]
+        stages += [wds.decode("pil", handler=wds.warn_and_continue), wds.map(self._transform)]
         yield from wds.DataPipeline(*stages)
+
+    def _number_and_skip(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Drops this worker's share of the already consumed batches and seeds every later sample."""
+        worker, num_workers = self._worker()
+        k = self.skip_batches
+        skip = ((k - worker + num_workers - 1) // num_workers if k > worker else 0) * self.batch_size
+        for position, sample in enumerate(samples):
+            if position >= skip:
+                sample["__seed__"] = _seed_of(self.seed, self.epoch, self.rank, worker, position)
+                yield sample
+
+    def _transform(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        image, label = _decode_sample(sample)
+        with _seeded(sample.get("__seed__")):
+            return self.transform(image), label
+
+
+def _seed_of(*parts: int) -> int:
+    """A 32-bit seed from integers, the same in every process (unlike ``hash`` of strings)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seeds torch's and Python's RNGs for one sample's augmentation, restoring both afterwards."""
+    if seed is None:
+        yield
+        return
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
 @dataclass
@@ -137,15 +190,18 @@ class TrainLoader:
     loader: DataLoader
     steps_per_epoch: int
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch (shard order and shuffle seeds) for the next iteration."""
-        self.stream.set_epoch(epoch)
+    skip: int = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Selects the epoch for the next iteration, resuming after ``skip_batches`` consumed batches."""
+        self.skip = skip_batches
+        self.stream.set_epoch(epoch, skip_batches, self.loader.batch_size or 1)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for images, labels in itertools.islice(self.loader, self.steps_per_epoch):
+        for images, labels in itertools.islice(self.loader, self.steps_per_epoch - self.skip):
             yield {"image": images, "label": labels}
 
 
@@ -183,8 +239,10 @@ def build_train_loader(
                           f"{world_size} × {batch_size}: lower data.batch_size")
     stream = ShardStream(shards, transform, rank=rank, world_size=world_size, seed=seed, train=True,
                          shuffle_buffer=shuffle_buffer)
+    # Its own generator: creating an iterator then never draws from the training process's RNG.
     loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, drop_last=True,
-                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                        generator=torch.Generator().manual_seed(seed))
     logger.info("train loader: %d samples in %d shards, %d steps/epoch per rank", total, len(shards), steps)
     return TrainLoader(stream, loader, steps)
 
@@ -209,4 +267,5 @@ def build_eval_loader(
     mine = shards[rank::world_size]
     workers = min(num_workers, len(mine))
     stream = ShardStream(shards, transform, rank=rank, world_size=world_size, seed=0, train=False)
-    return DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=False)
+    return DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=False,
+                      generator=torch.Generator().manual_seed(0))

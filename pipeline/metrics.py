@@ -88,21 +88,36 @@ class MlflowLogger(NullLogger):
         run_name: Name of the run.
         params: Flat parameters to log (the resolved config).
         tags: Tags to set.
+        run_id: An existing run to continue (a resumed job); its parameters are not logged again.
     """
 
-    def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]):
+    def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+                 run_id: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            exp_id = self.client.create_experiment(experiment, artifact_location=_artifact_root(uri))
-        else:
-            exp_id = exp.experiment_id
-        run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
-        self.client.log_batch(self.run_id, params=_params(params))
+        self.run_id = run_id if run_id and self._reopen(run_id) else None
+        if self.run_id is None:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                exp_id = self.client.create_experiment(experiment, artifact_location=_artifact_root(uri))
+            else:
+                exp_id = exp.experiment_id
+            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+            self.client.log_batch(self.run_id, params=_params(params))
         logger.info("MLflow run %s (experiment %r) at %s", self.run_id, experiment, uri)
+
+    def _reopen(self, run_id: str) -> bool:
+        """Marks an existing run RUNNING again; False (with a warning) when the store does not have it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException as err:
+            logger.warning("cannot continue MLflow run %s (%s): starting a new run", run_id, err)
+            return False
+        self.client.set_tag(run_id, "vitpipe.resumed", "true")
+        return True
 
     def log(self, metrics: dict[str, float], step: int) -> None:  # noqa: D102
         from mlflow.entities import Metric

@@ -24,12 +24,13 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, JobCfg
 from pipeline.config_io import dump_toml, flatten
 from pipeline.data_wds import build_eval_loader, build_train_loader, read_split
-from pipeline.dist import all_reduce_sum, broadcast_object
+from pipeline.dist import all_gather_object, all_reduce_sum, broadcast_object
 from pipeline.engine import build_accelerator
 from pipeline.evaluate import evaluate
 from pipeline.log import setup_logging
 from pipeline.metrics import ConsoleLogger, LoggerContainer, MlflowLogger, NullLogger, default_tracking_uri
 from pipeline.optim import build_optimizer, build_scheduler, peak_lr
+from pipeline.preempt import EXIT_PREEMPTED, Preempted, Preemption
 from pipeline.transforms import eval_transform, train_transform
 
 logger = logging.getLogger(__name__)
@@ -49,14 +50,20 @@ def check_startup(cfg: JobCfg) -> None:
 def resolve_run_dir(cfg: JobCfg, recipe_stem: str, is_main: bool) -> Path:
     """Picks the run directory on rank 0 (``<output_dir>/<name>``) and shares it with all ranks.
 
+    A directory with an unfinished run is taken over (and resumed from its latest checkpoint when
+    ``checkpoint.resume`` is on); one whose run finished is refused.
+
     Raises:
-        ConfigError: On every rank, when the directory already holds a run.
+        ConfigError: On every rank, when the directory cannot be used.
     """
     name = cfg.run.name or f"{recipe_stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.run.output_dir).resolve() / name
     error = None
-    if is_main and (run_dir / "config.toml").exists():
-        error = f"run.name = {name!r}: {run_dir} already holds a run; choose another run.name"
+    if is_main and (run_dir / "summary.json").is_file():
+        if json.loads((run_dir / "summary.json").read_text()).get("status") == "FINISHED":
+            error = f"run.name = {name!r}: {run_dir} holds a finished run; choose another run.name"
+    if is_main and not cfg.checkpoint.resume and (run_dir / "config.toml").exists():
+        error = f"run.name = {name!r}: {run_dir} already holds a run and checkpoint.resume is false"
     run_dir_text, error = broadcast_object((str(run_dir), error))
     if error:  # raised on every rank, so that none waits for the others
         raise ConfigError(error)
@@ -77,13 +84,17 @@ class Trainer:
         self.acc = build_accelerator(cfg.engine)
         self.rank, self.world_size = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.mlflow_run_id: str | None = None
         self.run_dir = resolve_run_dir(cfg, recipe_stem, self.acc.is_main_process)
         self.build_run_dir()
         self.build_data()
         self.build_model()
         self.build_optimizer()
+        if cfg.checkpoint.resume:
+            self.resume()
         self.build_tracking()
-        self.step, self.epoch = 0, 0
+        self.preemption = Preemption(cfg.checkpoint.preempt_timeout_s)
 
     # ----------------------------------------------------------------- set-up
     def build_run_dir(self) -> None:
@@ -123,7 +134,9 @@ class Trainer:
         self.peak_lr = peak_lr(self.cfg.optim, self.global_batch)
         opt = build_optimizer(self.net, self.cfg.optim, self.peak_lr)
         self.model, self.optimizer = self.acc.prepare(self.net, opt)
-        self.steps_per_epoch = len(self.train_loader) // self.cfg.engine.grad_accum_steps
+        accum = self.cfg.engine.grad_accum_steps
+        self.steps_per_epoch = len(self.train_loader) // accum
+        self.train_loader.steps_per_epoch = self.steps_per_epoch * accum  # no step straddles two epochs
         self.total_steps = self.cfg.schedule.epochs * self.steps_per_epoch
         if self.cfg.schedule.max_steps:
             self.total_steps = min(self.total_steps, self.cfg.schedule.max_steps)
@@ -141,7 +154,8 @@ class Trainer:
                 uri = t.uri or default_tracking_uri(self.cfg.run.output_dir)
                 tags = {"vitpipe.run_dir": str(self.run_dir), "vitpipe.world_size": str(self.world_size),
                         "vitpipe.model": self.cfg.model.name}
-                loggers.append(MlflowLogger(uri, t.experiment, self.run_dir.name, flatten(self.cfg), tags))
+                loggers.append(MlflowLogger(uri, t.experiment, self.run_dir.name, flatten(self.cfg), tags,
+                                            run_id=self.mlflow_run_id))
             self.metrics = LoggerContainer(loggers)
             run_id = self.metrics.run_id
         self.mlflow_run_id = broadcast_object(run_id)
@@ -157,37 +171,50 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 self.train_one_epoch()
-                self.epoch += 1
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 every = self.cfg.eval.every_epochs
                 if every and self.epoch % every == 0 and self.step < self.total_steps:
                     self.run_eval()
             result = self.run_eval()
             self.save_final()
             status = "FINISHED"
+        except Preempted:
+            status = "PREEMPTED"
         finally:
+            self.preemption.restore()
             summary = self.summary(result, time.perf_counter() - start, status)
-            self.metrics.close(status)
+            self.metrics.close({"PREEMPTED": "KILLED"}.get(status, status))
         return summary
 
     def train_one_epoch(self) -> None:
         """Runs one epoch (or up to ``total_steps``), logging every ``tracking.log_every_steps`` steps."""
         self.model.train()
-        self.train_loader.set_epoch(self.epoch)
+        self.train_loader.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)
         meter = _Meter()
         t_wait = time.perf_counter()
-        for micro, batch in enumerate(self.train_loader):
+        for batch in self.train_loader:
             meter.wait += time.perf_counter() - t_wait
             loss = self.train_micro_step(batch)
             meter.add(loss, batch["label"].numel())
-            if (micro + 1) % self.cfg.engine.grad_accum_steps == 0:
+            self.batch_in_epoch += 1
+            if self.batch_in_epoch % self.cfg.engine.grad_accum_steps == 0:
                 self.step += 1
-                if self.step % self.cfg.tracking.log_every_steps == 0 or self.step == self.total_steps:
-                    self.metrics.log(meter.flush(self.scheduler.get_last_lr()[0], self.world_size), self.step)
-                if self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0:
-                    self.save_checkpoint()
+                self.after_step(meter)
                 if self.step >= self.total_steps:
                     break
             t_wait = time.perf_counter()
+
+    def after_step(self, meter: _Meter) -> None:
+        """Step-boundary work: metrics, periodic checkpoint, and the preemption check (all ranks)."""
+        if self.step % self.cfg.tracking.log_every_steps == 0 or self.step == self.total_steps:
+            self.metrics.log(meter.flush(self.scheduler.get_last_lr()[0], self.world_size), self.step)
+        if self.preemption.requested():
+            self.save_checkpoint()
+            logger.warning("preempted at step %d: checkpoint written, exiting with status %d for a requeue",
+                           self.step, EXIT_PREEMPTED)
+            raise Preempted
+        if self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0:
+            self.save_checkpoint()
 
     def train_micro_step(self, batch: dict[str, torch.Tensor]) -> float:
         """Forward, backward and (at accumulation boundaries) the optimizer and scheduler step.
@@ -220,16 +247,41 @@ class Trainer:
 
     # ------------------------------------------------------------ persistence
     def state(self) -> dict[str, Any]:
-        """Everything a resume needs (model, optimizer, scheduler, counters, MLflow run id)."""
+        """Everything an exact resume needs (weights, optimizer, scheduler, counters, loader, RNGs, run id)."""
         return {"model": self.acc.unwrap_model(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "loader": {"epoch": self.epoch, "batches": self.batch_in_epoch, "world_size": self.world_size},
+                "rng": all_gather_object(_rng_state()),  # one entry per rank
                 "mlflow_run_id": self.mlflow_run_id, "config": dump_toml(self.cfg)}
 
+    def resume(self) -> None:
+        """Restores the newest readable checkpoint of the run directory, if any (rank 0 picks it)."""
+        found = ckpt.load_latest(self.run_dir / "checkpoints") if self.acc.is_main_process else None
+        path = broadcast_object(str(found[0]) if found else None)
+        if path is None:
+            return
+        state = found[1] if found else torch.load(path, map_location="cpu", weights_only=False)
+        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.mlflow_run_id = state["step"], state["epoch"], state["mlflow_run_id"]
+        self.batch_in_epoch = state["loader"]["batches"]
+        if state["loader"]["world_size"] != self.world_size:
+            logger.warning("resuming %d processes from a checkpoint of %d: epoch %d restarts from its beginning",
+                           self.world_size, state["loader"]["world_size"], self.epoch)
+            self.batch_in_epoch = 0
+        else:  # same world: every rank continues its own random streams exactly
+            rng = state["rng"][self.rank]
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+        logger.info("resumed from %s: step %d, epoch %d, batch %d", path, self.step, self.epoch, self.batch_in_epoch)
+
     def save_checkpoint(self) -> None:
-        """Saves a step checkpoint (main rank) and waits for every rank."""
+        """Saves a step checkpoint (every rank takes part; the main rank writes) and waits for all."""
+        state = self.state()
         if self.acc.is_main_process:
-            ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.state(),
-                                 self.cfg.checkpoint.keep_last)
+            ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, state, self.cfg.checkpoint.keep_last)
         self.acc.wait_for_everyone()
 
     def save_final(self) -> None:
@@ -276,6 +328,10 @@ class _Meter:
                "train/img_per_s": self.samples * world_size / elapsed, "train/data_wait": self.wait / elapsed}
         self.reset()
         return out
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
 
 def _seed_everything(seed: int) -> None:

@@ -56,10 +56,11 @@ def run_train_command(args: argparse.Namespace) -> int:
 
         load_config(args.recipe, args.overrides)  # fail here, once, rather than in every rank
         return torchrun(args.nproc_per_node, ["-m", "pipeline.train", args.recipe, *args.overrides])
+    from pipeline.preempt import EXIT_PREEMPTED
     from pipeline.train import run
 
     summary = run(args.recipe, args.overrides)
-    return 0 if summary["status"] == "FINISHED" else 1
+    return {"FINISHED": 0, "PREEMPTED": EXIT_PREEMPTED}.get(summary["status"], 1)
 
 
 def add_eval_parser(sub: Any, formatter: Any, overrides_help: str) -> None:
@@ -107,17 +108,35 @@ def run_config_command(args: argparse.Namespace) -> int:
 
 def add_models_parser(sub: Any, formatter: Any) -> None:
     """Adds ``vitpipe models``."""
-    p = sub.add_parser("models", help="list registered model names", formatter_class=formatter,
-                       description="List model names that `model.name` accepts (vitpipe's and timm's).")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'vit_*' (default: all)")
+    p = sub.add_parser("models", help="the model zoo: measured params and GMACs beside published numbers",
+                       formatter_class=formatter,
+                       description="Build every vitpipe-registered model (random weights) and print its parameter "
+                                   "count and GMACs (the papers' \"GFLOPs\") at its default input size beside the "
+                                   "published numbers. With --names, list the names that `model.name` accepts "
+                                   "(vitpipe's and timm's) without building anything.",
+                       epilog="examples:\n  vitpipe models                 the whole zoo table (minutes on CPU)\n"
+                              "  vitpipe models 'filtervit_*'   one family\n"
+                              "  vitpipe models --names 'swin*' names only, timm's included\n")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'swin_*' (default: all)")
+    p.add_argument("--names", action="store_true", help="only list matching registered names (vitpipe and timm)")
+    p.add_argument("--format", choices=("text", "markdown"), default="text", help="table format (default: %(default)s)")
     p.set_defaults(func=run_models_command)
 
 
 def run_models_command(args: argparse.Namespace) -> int:
-    """Prints one registered model name per line."""
+    """Prints the measured zoo table, or one registered name per line with ``--names``."""
     from model import list_models
 
-    sys.stdout.write("\n".join(list_models(args.pattern)) + "\n")
+    if args.names:
+        sys.stdout.write("\n".join(list_models(args.pattern)) + "\n")
+        return 0
+    from model.zoo import format_table, measure, vitpipe_models
+
+    names = vitpipe_models(args.pattern)
+    if not names:
+        sys.stdout.write(f"no vitpipe model matches {args.pattern!r} (try --names for timm's)\n")
+        return 0
+    sys.stdout.write(format_table([measure(n) for n in names], markdown=args.format == "markdown"))
     return 0
 
 

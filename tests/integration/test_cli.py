@@ -68,14 +68,14 @@ def test_root_has_no_machine_paths() -> None:
     assert tracked and not any("/work/" in p.read_text() or "/home/" in p.read_text() for p in tracked)
 
 
-def test_existing_run_is_refused_on_every_rank_without_hanging(digits_shards: Path, tmp_path: Path) -> None:
+def test_finished_run_is_refused_on_every_rank_without_hanging(digits_shards: Path, tmp_path: Path) -> None:
     (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "config.toml").write_text("")
+    (tmp_path / "taken" / "summary.json").write_text('{"status": "FINISHED"}')
     proc = run_cli("train", "jobs/demo/vitnano_digits_cls_cpu_quick.toml", "--nproc-per-node", "2",
                    f"--data.path={digits_shards}", f"--run.output_dir={tmp_path}", "--run.name=taken",
                    "--tracking.enabled=false", timeout=180)
     assert proc.returncode != 0
-    assert proc.stderr.count("already holds a run; choose another run.name") == 2  # both ranks say it
+    assert proc.stderr.count("holds a finished run; choose another run.name") == 2  # both ranks say it
 
 
 def test_bf16_accumulation_and_checkpoint_rotation(digits_shards: Path, tmp_path: Path) -> None:

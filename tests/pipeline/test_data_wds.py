@@ -97,3 +97,24 @@ def test_missing_split_and_dataset(digits_shards: Path, tmp_path: Path) -> None:
         read_split(digits_shards, "test")
     with pytest.raises(ValueError, match="not a vitpipe dataset"):
         read_split(tmp_path, "train")
+
+
+@pytest.mark.parametrize("workers, skip", [(0, 5), (2, 5), (2, 6)])
+def test_resume_mid_epoch_gives_the_same_batches(digits_shards: Path, workers: int, skip: int) -> None:
+    full = _train(digits_shards, 1, 2, seed=3, workers=workers)
+    full.set_epoch(2)
+    expected = list(full)
+    resumed = _train(digits_shards, 1, 2, seed=3, workers=workers)
+    resumed.set_epoch(2, skip_batches=skip)
+    got = list(resumed)
+    assert len(got) == len(expected) - skip
+    for a, b in zip(got, expected[skip:], strict=True):
+        assert torch.equal(a["label"], b["label"]) and torch.equal(a["image"], b["image"])
+
+
+def test_augmentation_does_not_touch_global_rng(digits_shards: Path) -> None:
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    loader = _train(digits_shards, 0, 1, workers=0)
+    next(iter(loader))
+    assert torch.equal(before, torch.get_rng_state())
