@@ -166,8 +166,12 @@ class ScheduleCfg:
 class EngineCfg:
     """The distributed engine seam (accelerate); the model never sees it."""
 
-    backend: Literal["ddp"] = "ddp"
-    """Data-parallel wrapper: ``ddp`` (accelerate's DistributedDataParallel; one process also works)."""
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    """Data-parallel wrapper: ``ddp`` (DistributedDataParallel) or ``deepspeed`` (ZeRO, see ``zero_stage``)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ weights)."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer states in CPU memory (ZeRO stage >= 1)."""
     mixed_precision: Literal["no", "bf16"] = "no"
     """Autocast precision of forward and backward; master weights stay fp32."""
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -177,6 +181,7 @@ class EngineCfg:
 
     def __post_init__(self) -> None:
         _check(self.grad_accum_steps >= 1, "engine.grad_accum_steps", self.grad_accum_steps, ">= 1")
+        _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "0, 1, 2 or 3")
 
 
 @dataclass(kw_only=True)

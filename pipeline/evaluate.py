@@ -11,7 +11,7 @@ from pipeline.dist import all_reduce_sum
 
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, loader: DataLoader, device: torch.device,
-             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+             autocast_dtype: torch.dtype | None = None, input_dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Evaluates ``net`` on this rank's share of a split and reduces the counts over ranks.
 
     Args:
@@ -19,6 +19,7 @@ def evaluate(net: torch.nn.Module, loader: DataLoader, device: torch.device,
         loader: Batches of ``(B×3×H×W images, B labels)``.
         device: Where the model lives.
         autocast_dtype: bf16 for mixed-precision evaluation, None for fp32.
+        input_dtype: dtype the inputs are cast to (bf16 for DeepSpeed's bf16 mode).
 
     Returns:
         ``{"top1", "top5"}`` in percent, ``"loss"`` (mean cross-entropy) and ``"samples"`` (global count).
@@ -27,7 +28,7 @@ def evaluate(net: torch.nn.Module, loader: DataLoader, device: torch.device,
     net.eval()
     correct1 = correct5 = loss_sum = count = 0.0
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = images.to(device, input_dtype, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = net(images)  # B×classes
         logits = logits.float()

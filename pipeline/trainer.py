@@ -24,8 +24,8 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, JobCfg
 from pipeline.config_io import dump_toml, flatten
 from pipeline.data_wds import build_eval_loader, build_train_loader, read_split
-from pipeline.dist import all_gather_object, all_reduce_sum, broadcast_object
-from pipeline.engine import build_accelerator
+from pipeline.dist import all_reduce_sum, broadcast_object
+from pipeline.engine import build_accelerator, deepspeed_config, input_dtype
 from pipeline.evaluate import evaluate
 from pipeline.log import setup_logging
 from pipeline.metrics import ConsoleLogger, LoggerContainer, MlflowLogger, NullLogger, default_tracking_uri
@@ -81,7 +81,8 @@ class Trainer:
     def __init__(self, cfg: JobCfg, recipe_stem: str = "run") -> None:
         check_startup(cfg)
         self.cfg = cfg
-        self.acc = build_accelerator(cfg.engine)
+        self.acc = build_accelerator(cfg.engine, cfg.data.batch_size, cfg.optim.clip_grad)
+        self.input_dtype = input_dtype(cfg.engine)
         self.rank, self.world_size = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -102,6 +103,9 @@ class Trainer:
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_bytes(self.run_dir / "config.toml", dump_toml(self.cfg).encode())
+            if self.cfg.engine.backend == "deepspeed":
+                ds = deepspeed_config(self.cfg.engine, self.cfg.data.batch_size, self.cfg.optim.clip_grad)
+                ckpt.atomic_write_bytes(self.run_dir / "deepspeed.json", json.dumps(ds, indent=2).encode())
         self.acc.wait_for_everyone()
         setup_logging(self.rank, self.run_dir, self.cfg.run.log_level)
         logger.info("run directory %s", self.run_dir)
@@ -140,8 +144,10 @@ class Trainer:
         self.total_steps = self.cfg.schedule.epochs * self.steps_per_epoch
         if self.cfg.schedule.max_steps:
             self.total_steps = min(self.total_steps, self.cfg.schedule.max_steps)
-        # Not prepared by accelerate: it is stepped once per optimizer step, on every rank.
+        # Not prepared by accelerate: it is stepped once per optimizer step, on every rank, and saved
+        # with the checkpoints as a registered object.
         self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.steps_per_epoch, self.peak_lr)
+        self.acc.register_for_checkpointing(self.scheduler)
 
     def build_tracking(self) -> None:
         """Rank 0 creates the one MLflow run of this job and shares its id with the other ranks."""
@@ -171,6 +177,8 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 self.train_one_epoch()
+                if self.batch_in_epoch < len(self.train_loader):
+                    break  # stopped inside the epoch (max_steps): the checkpoint keeps the position
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 every = self.cfg.eval.every_epochs
                 if every and self.epoch % every == 0 and self.step < self.total_steps:
@@ -222,7 +230,7 @@ class Trainer:
         Returns:
             The micro-batch loss.
         """
-        images = batch["image"].to(self.device, non_blocking=True)  # B×3×H×W
+        images = batch["image"].to(self.device, self.input_dtype, non_blocking=True)  # B×3×H×W
         labels = batch["label"].to(self.device, non_blocking=True)  # B
         with self.acc.accumulate(self.model):
             with self.acc.autocast():
@@ -230,7 +238,7 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.loss.label_smoothing)
             self.acc.backward(loss)
             if self.acc.sync_gradients:
-                if self.cfg.optim.clip_grad:
+                if self.cfg.optim.clip_grad and self.cfg.engine.backend != "deepspeed":  # DeepSpeed clips itself
                     self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -240,57 +248,55 @@ class Trainer:
     def run_eval(self) -> dict[str, float]:
         """Evaluates the live weights on the validation split and logs ``val/*`` metrics."""
         dtype = torch.bfloat16 if self.cfg.engine.mixed_precision == "bf16" else None
-        result = evaluate(self.acc.unwrap_model(self.model), self.eval_loader, self.device, dtype)
+        result = evaluate(self.acc.unwrap_model(self.model), self.eval_loader, self.device, dtype,
+                          input_dtype=self.input_dtype)
         self.metrics.log({"val/top1": result["top1"], "val/top5": result["top5"], "val/loss": result["loss"],
                           "epoch": float(self.epoch)}, self.step)
         return result
 
     # ------------------------------------------------------------ persistence
-    def state(self) -> dict[str, Any]:
-        """Everything an exact resume needs (weights, optimizer, scheduler, counters, loader, RNGs, run id)."""
-        return {"model": self.acc.unwrap_model(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
-                "loader": {"epoch": self.epoch, "batches": self.batch_in_epoch, "world_size": self.world_size},
-                "rng": all_gather_object(_rng_state()),  # one entry per rank
-                "mlflow_run_id": self.mlflow_run_id, "config": dump_toml(self.cfg)}
+    def trainer_state(self) -> dict[str, Any]:
+        """Counters an exact resume needs besides what accelerate saves (weights, optimizer, RNGs, scheduler)."""
+        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batch_in_epoch,
+                "world_size": self.world_size, "backend": self.cfg.engine.backend,
+                "mlflow_run_id": self.mlflow_run_id}
 
     def resume(self) -> None:
-        """Restores the newest readable checkpoint of the run directory, if any (rank 0 picks it)."""
-        found = ckpt.load_latest(self.run_dir / "checkpoints") if self.acc.is_main_process else None
-        path = broadcast_object(str(found[0]) if found else None)
+        """Restores the newest complete checkpoint of the run directory, if any (rank 0 picks it)."""
+        found = ckpt.find_resumable(self.run_dir / "checkpoints") if self.acc.is_main_process else None
+        path, state = broadcast_object((str(found[0]), found[1]) if found else (None, None))
         if path is None:
             return
-        state = found[1] if found else torch.load(path, map_location="cpu", weights_only=False)
-        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if state["backend"] != self.cfg.engine.backend:
+            raise ConfigError(f"engine.backend = {self.cfg.engine.backend!r}: the run's checkpoints were written "
+                              f"by {state['backend']!r}; resume with the same backend")
+        self.acc.load_state(path)  # weights, optimizer, scheduler and this rank's RNG states
         self.step, self.epoch, self.mlflow_run_id = state["step"], state["epoch"], state["mlflow_run_id"]
-        self.batch_in_epoch = state["loader"]["batches"]
-        if state["loader"]["world_size"] != self.world_size:
+        self.batch_in_epoch = state["batches_in_epoch"]
+        if state["world_size"] != self.world_size:
             logger.warning("resuming %d processes from a checkpoint of %d: epoch %d restarts from its beginning",
-                           self.world_size, state["loader"]["world_size"], self.epoch)
+                           self.world_size, state["world_size"], self.epoch)
             self.batch_in_epoch = 0
-        else:  # same world: every rank continues its own random streams exactly
-            rng = state["rng"][self.rank]
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
         logger.info("resumed from %s: step %d, epoch %d, batch %d", path, self.step, self.epoch, self.batch_in_epoch)
 
-    def save_checkpoint(self) -> None:
-        """Saves a step checkpoint (every rank takes part; the main rank writes) and waits for all."""
-        state = self.state()
-        if self.acc.is_main_process:
-            ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, state, self.cfg.checkpoint.keep_last)
-        self.acc.wait_for_everyone()
+    def save_checkpoint(self) -> Path:
+        """Saves a step checkpoint; every rank takes part."""
+        return ckpt.save_checkpoint(self.acc, self.run_dir / "checkpoints", self.step, self.trainer_state(),
+                                    self.cfg.checkpoint.keep_last)
 
     def save_final(self) -> None:
-        """Saves the last checkpoint and the fp32 weight export, and logs them to MLflow."""
-        self.save_checkpoint()
+        """Saves the last checkpoint and the fp32 weight export, and logs the export to MLflow."""
+        last = self.save_checkpoint()
+        if self.cfg.engine.backend == "deepspeed" and self.cfg.engine.zero_stage > 0:  # fp32 master weights
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(last), tag="pytorch_model") \
+                if self.acc.is_main_process else None
+        else:
+            weights = self.acc.get_state_dict(self.model)  # every rank calls it (ZeRO-3 gathers)
         if self.acc.is_main_process:
-            weights = ckpt.export_weights(self.acc.unwrap_model(self.model).state_dict(),
-                                          self.run_dir / "final" / "model.safetensors")
-            self.metrics.log_artifact(weights, "checkpoint")
+            path = ckpt.export_weights(weights, self.run_dir / "final" / "model.safetensors")
+            self.metrics.log_artifact(path, "checkpoint")
             self.metrics.log_artifact(self.run_dir / "config.toml")
         self.acc.wait_for_everyone()
 
@@ -328,10 +334,6 @@ class _Meter:
                "train/img_per_s": self.samples * world_size / elapsed, "train/data_wait": self.wait / elapsed}
         self.reset()
         return out
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
 
 def _seed_everything(seed: int) -> None:

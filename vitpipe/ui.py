@@ -6,23 +6,16 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from pipeline.dist import free_port
 from vitpipe.cli import UserError
 
 logger = logging.getLogger("vitpipe")
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(store: Path, port: int) -> subprocess.Popen:

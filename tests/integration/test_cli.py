@@ -85,11 +85,13 @@ def test_bf16_accumulation_and_checkpoint_rotation(digits_shards: Path, tmp_path
                    "--checkpoint.keep_last=2", "--tracking.enabled=false", "--eval.every_epochs=0", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "bf16"
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt"))
-    assert ckpts == ["step_00000004.pt", "step_00000006.pt"]
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006.pt"
-    state = torch.load(run_dir / "checkpoints" / "step_00000006.pt", weights_only=False)
-    assert state["step"] == 6 and state["scheduler"]["last_epoch"] == 6
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_00000004", "step_00000006"]  # rotated; no temporary directory left
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
+    state = json.loads((run_dir / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["batches_in_epoch"] == 12  # 2 micro-batches per step
+    scheduler = torch.load(run_dir / "checkpoints" / "step_00000006" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert scheduler["last_epoch"] == 6
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "FINISHED" and summary["steps"] == 6 and summary["val_samples"] == 359
     assert not list(run_dir.glob("**/.*tmp*"))  # no temporary files left behind

@@ -48,8 +48,9 @@ def test_preempted_run_resumes_bit_exactly(digits_shards: Path, tmp_path: Path) 
     assert _preempt_after(_args(digits_shards, tmp_path, "cut"), step=12) == EXIT_PREEMPTED
     cut = tmp_path / "cut"
     assert json.loads((cut / "summary.json").read_text())["status"] == "PREEMPTED"
-    stopped_at = torch.load(cut / "checkpoints" / (cut / "checkpoints" / "latest").read_text(), weights_only=False)
-    assert 12 <= stopped_at["step"] < 22 and stopped_at["loader"]["batches"] > 0  # mid-epoch (22 steps/epoch)
+    latest = cut / "checkpoints" / (cut / "checkpoints" / "latest").read_text()
+    stopped_at = json.loads((latest / "trainer_state.json").read_text())
+    assert 12 <= stopped_at["step"] < 22 and stopped_at["batches_in_epoch"] > 0  # mid-epoch (22 steps/epoch)
 
     again = run_cli(*_args(digits_shards, tmp_path, "cut"), timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -75,8 +76,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(digits_shards: Pat
                                                   "--checkpoint.keep_last=3", "--tracking.enabled=false"]
     assert _preempt_after(args, step=7) == EXIT_PREEMPTED
     ckpts = tmp_path / "c" / "checkpoints"
-    latest = ckpts / (ckpts / "latest").read_text()
-    latest.write_bytes(latest.read_bytes()[:1000])  # truncated, as after a crash mid-write without rename
+    weights = ckpts / (ckpts / "latest").read_text() / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as a lost write after a crash leaves it
     proc = run_cli(*args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "is unreadable" in proc.stderr and "resumed from" in proc.stderr and "step_00000006.pt" in proc.stderr
+    assert "is corrupt (model.safetensors differ" in proc.stderr
+    assert "resumed from" in proc.stderr and "step_00000006: step 6" in proc.stderr

@@ -1,0 +1,69 @@
+"""The engine seam on 2 CPU processes (gloo): DDP and DeepSpeed ZeRO-0/1/2/3 train the same."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from mlflow.tracking import MlflowClient
+
+import model  # noqa: F401  (registers vitpipe's models with timm)
+from pipeline.config import EngineCfg
+from pipeline.engine import deepspeed_config
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+RECIPE = "jobs/demo/vitnano_digits_cls_cpu_quick.toml"
+ENGINES = {"ddp": [], **{f"zero{s}": ["--engine.backend=deepspeed", f"--engine.zero_stage={s}"] for s in range(4)}}
+
+
+@pytest.fixture(scope="module")
+def runs(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("engines")
+    for name, extra in ENGINES.items():
+        proc = run_cli("train", RECIPE, "--nproc-per-node", "2", f"--data.path={digits_shards}",
+                       f"--run.output_dir={out}", f"--run.name={name}", "--schedule.max_steps=8",
+                       "--tracking.log_every_steps=1", "--data.num_workers=1", *extra, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _losses(out: Path, name: str) -> list[float]:
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("vitpipe-demo").experiment_id],
+                                filter_string=f"attributes.run_name = '{name}'")
+    return [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages_match_ddp(runs: Path, stage: int) -> None:
+    ddp, zero = _losses(runs, "ddp"), _losses(runs, f"zero{stage}")
+    assert len(ddp) == len(zero) == 8
+    assert zero == pytest.approx(ddp, rel=1e-4, abs=1e-5)  # fp32; only the reduction order differs
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_export_loads_strictly_and_gives_the_run_accuracy(runs: Path, name: str) -> None:
+    run_dir = runs / name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    net = timm.create_model("vit_nano_patch8_32", num_classes=10,
+                            checkpoint_path=str(run_dir / "final" / "model.safetensors"))
+    assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    proc = run_cli("eval", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["top1"] == pytest.approx(summary["val_top1"])
+
+
+def test_deepspeed_config_follows_the_run_config() -> None:
+    cfg = EngineCfg(backend="deepspeed", zero_stage=3, mixed_precision="bf16", grad_accum_steps=4,
+                    offload_optimizer=True)
+    ds = deepspeed_config(cfg, micro_batch=32, clip_grad=1.0)
+    assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
