@@ -229,9 +229,12 @@ class TrackingCfg:
     """MLflow experiment name."""
     log_every_steps: int = 10
     """Log training metrics every N optimizer steps."""
+    system_metrics_s: float = 10.0
+    """Sampling interval of MLflow's system metrics (CPU, memory, disk, network, GPU); 0 turns them off."""
 
     def __post_init__(self) -> None:
         _check(self.log_every_steps >= 1, "tracking.log_every_steps", self.log_every_steps, ">= 1")
+        _check(self.system_metrics_s >= 0, "tracking.system_metrics_s", self.system_metrics_s, ">= 0")
 
 
 @dataclass(kw_only=True)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -150,21 +152,30 @@ class Trainer:
         self.acc.register_for_checkpointing(self.scheduler)
 
     def build_tracking(self) -> None:
-        """Rank 0 creates the one MLflow run of this job and shares its id with the other ranks."""
-        t = self.cfg.tracking
+        """Rank 0 creates (or, on resume, reopens) the job's one MLflow run and shares its id."""
         self.metrics: Any = NullLogger()
         run_id = None
         if self.acc.is_main_process:
             loggers: list[Any] = [ConsoleLogger()]
-            if t.enabled:
-                uri = t.uri or default_tracking_uri(self.cfg.run.output_dir)
-                tags = {"vitpipe.run_dir": str(self.run_dir), "vitpipe.world_size": str(self.world_size),
-                        "vitpipe.model": self.cfg.model.name}
-                loggers.append(MlflowLogger(uri, t.experiment, self.run_dir.name, flatten(self.cfg), tags,
-                                            run_id=self.mlflow_run_id))
+            if self.cfg.tracking.enabled:
+                loggers += self._mlflow_logger()
             self.metrics = LoggerContainer(loggers)
             run_id = self.metrics.run_id
         self.mlflow_run_id = broadcast_object(run_id)
+
+    def _mlflow_logger(self) -> list[Any]:
+        t = self.cfg.tracking
+        uri = t.uri or default_tracking_uri(self.cfg.run.output_dir)
+        tags = {"vitpipe.run_dir": str(self.run_dir), "vitpipe.world_size": str(self.world_size),
+                "vitpipe.model": self.cfg.model.name, "vitpipe.engine": self.cfg.engine.backend,
+                "vitpipe.git_sha": _git_sha(), "vitpipe.slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
+        try:
+            return [MlflowLogger(uri, t.experiment, self.run_dir.name, flatten(self.cfg), tags,
+                                 run_id=self.mlflow_run_id, system_metrics_s=t.system_metrics_s,
+                                 pending_file=self.run_dir / "mlflow_pending.json")]
+        except Exception as err:  # noqa: BLE001 - an unreachable tracking store never stops training
+            logger.warning("MLflow at %s unreachable at start (%s): training without tracking", uri, err)
+            return []
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -334,6 +345,19 @@ class _Meter:
                "train/img_per_s": self.samples * world_size / elapsed, "train/data_wait": self.wait / elapsed}
         self.reset()
         return out
+
+
+def _git_sha() -> str:
+    """The code version: the commit of the vitpipe checkout, with ``-dirty`` for local changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
 
 
 def _seed_everything(seed: int) -> None:
