@@ -29,6 +29,7 @@ from pipeline.data_wds import build_eval_loader, build_train_loader, read_split
 from pipeline.dist import all_reduce_sum, broadcast_object
 from pipeline.engine import build_accelerator, deepspeed_config, input_dtype
 from pipeline.evaluate import evaluate
+from pipeline.export import consolidate
 from pipeline.log import setup_logging
 from pipeline.metrics import ConsoleLogger, LoggerContainer, MlflowLogger, NullLogger, default_tracking_uri
 from pipeline.optim import build_optimizer, build_scheduler, peak_lr
@@ -296,17 +297,10 @@ class Trainer:
                                     self.cfg.checkpoint.keep_last)
 
     def save_final(self) -> None:
-        """Saves the last checkpoint and the fp32 weight export, and logs the export to MLflow."""
+        """Saves the last checkpoint, exports its fp32 weights and logs the export to MLflow."""
         last = self.save_checkpoint()
-        if self.cfg.engine.backend == "deepspeed" and self.cfg.engine.zero_stage > 0:  # fp32 master weights
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(last), tag="pytorch_model") \
-                if self.acc.is_main_process else None
-        else:
-            weights = self.acc.get_state_dict(self.model)  # every rank calls it (ZeRO-3 gathers)
         if self.acc.is_main_process:
-            path = ckpt.export_weights(weights, self.run_dir / "final" / "model.safetensors")
+            path = ckpt.export_weights(consolidate(last), self.run_dir / "final" / "model.safetensors")
             self.metrics.log_artifact(path, "checkpoint")
             self.metrics.log_artifact(self.run_dir / "config.toml")
         self.acc.wait_for_everyone()

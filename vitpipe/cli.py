@@ -50,6 +50,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UserError, ConfigError, PrepError, FileNotFoundError]
     if "pipeline.data_wds" in sys.modules:
         errors.append(sys.modules["pipeline.data_wds"].LoaderError)
+    if "pipeline.export" in sys.modules:
+        errors.append(sys.modules["pipeline.export"].ExportError)
     if "model.factory" in sys.modules:
         errors.append(sys.modules["model.factory"].UnknownModelError)
     return tuple(errors)
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prep_parser(sub)
     commands.add_train_parser(sub, _formatter, _OVERRIDES_HELP)
     commands.add_eval_parser(sub, _formatter, _OVERRIDES_HELP)
+    commands.add_export_parser(sub, _formatter)
     commands.add_config_parser(sub, _formatter, _OVERRIDES_HELP)
     commands.add_models_parser(sub, _formatter)
     commands.add_ui_parser(sub, _formatter)

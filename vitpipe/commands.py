@@ -84,6 +84,29 @@ def run_eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_parser(sub: Any, formatter: Any) -> None:
+    """Adds ``vitpipe export``."""
+    p = sub.add_parser("export", help="write a checkpoint's weights as one fp32 safetensors file",
+                       formatter_class=formatter,
+                       description="Consolidate a checkpoint (DDP or DeepSpeed ZeRO-0..3, any number of ranks) "
+                                   "into fp32 safetensors that timm.create_model(name, checkpoint_path=...) loads "
+                                   "strictly; the file is verified by loading it into the run's model.",
+                       epilog="example:\n  vitpipe export runs/my-run --out my-run.safetensors\n")
+    p.add_argument("run_dir", help="run directory (holds config.toml and checkpoints/)")
+    p.add_argument("--checkpoint", default="latest",
+                   help="checkpoint directory name under RUN_DIR/checkpoints, e.g. step_00001000 (default: latest)")
+    p.add_argument("--out", help="output file (default: RUN_DIR/export/<checkpoint>.safetensors)")
+    p.set_defaults(func=run_export_command)
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    """Exports, verifies and prints the output path."""
+    from vitpipe.evaluation import export_run
+
+    sys.stdout.write(str(export_run(Path(args.run_dir), args.checkpoint, args.out)) + "\n")
+    return 0
+
+
 def add_config_parser(sub: Any, formatter: Any, overrides_help: str) -> None:
     """Adds ``vitpipe config``."""
     p = sub.add_parser("config", help="show the resolved config of a recipe, or every key", epilog=overrides_help,

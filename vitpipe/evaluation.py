@@ -22,10 +22,7 @@ def evaluate_run(run_dir: Path, weights: str | None, split: str | None, override
     from pipeline.evaluate import evaluate
     from pipeline.transforms import eval_transform
 
-    config = run_dir / "config.toml"
-    if not config.is_file():
-        raise UserError(f"{run_dir} is not a run directory: no config.toml")
-    cfg = load_config(config, overrides)
+    cfg = load_config(_config_of(run_dir), overrides)
     weights_path = Path(weights) if weights else run_dir / "final" / "model.safetensors"
     if not weights_path.is_file():
         raise UserError(f"weights {weights_path} not found")
@@ -38,3 +35,37 @@ def evaluate_run(run_dir: Path, weights: str | None, split: str | None, override
                                num_workers=cfg.data.num_workers, rank=0, world_size=1)
     result = evaluate(net, loader, torch.device("cpu"))
     return {**result, "split": split, "weights": str(weights_path)}
+
+
+def export_run(run_dir: Path, checkpoint: str, out: str | None) -> Path:
+    """Consolidates a checkpoint of the run to fp32 safetensors and verifies it loads strictly.
+
+    Returns:
+        The written file.
+    """
+    from model.factory import create_model
+    from pipeline.checkpoint import export_weights, read_trainer_state
+    from pipeline.config_io import load_config
+    from pipeline.data_wds import read_split
+    from pipeline.export import consolidate
+
+    cfg = load_config(_config_of(run_dir))
+    ckpts = run_dir / "checkpoints"
+    if checkpoint == "latest":
+        if not (ckpts / "latest").is_file():
+            raise UserError(f"{run_dir} has no checkpoints/latest")
+        checkpoint = (ckpts / "latest").read_text().strip()
+    if not (ckpts / checkpoint).is_dir() or read_trainer_state(ckpts / checkpoint) is None:
+        raise UserError(f"{ckpts / checkpoint} is not a complete checkpoint")
+    path = export_weights(consolidate(ckpts / checkpoint),
+                          Path(out) if out else run_dir / "export" / f"{checkpoint}.safetensors")
+    _, classes = read_split(cfg.data.path, cfg.data.train_split)
+    create_model(cfg.model.name, num_classes=cfg.model.num_classes or len(classes), img_size=cfg.data.img_size,
+                 checkpoint_path=str(path), **cfg.model.kwargs)  # strict load: raises on any mismatch
+    return path
+
+
+def _config_of(run_dir: Path) -> Path:
+    if not (run_dir / "config.toml").is_file():
+        raise UserError(f"{run_dir} is not a run directory: no config.toml")
+    return run_dir / "config.toml"

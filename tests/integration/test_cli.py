@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import ROOT, run_cli
 
-COMMANDS = ["demo", "prep", "prep imagenet", "train", "eval", "config", "models", "ui"]
+COMMANDS = ["demo", "prep", "prep imagenet", "train", "eval", "export", "config", "models", "ui"]
 
 
 def test_top_level_help_lists_every_command() -> None:

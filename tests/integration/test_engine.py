@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 import model  # noqa: F401  (registers vitpipe's models with timm)
 from pipeline.config import EngineCfg
@@ -57,6 +58,10 @@ def test_export_loads_strictly_and_gives_the_run_accuracy(runs: Path, name: str)
     proc = run_cli("eval", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.splitlines()[-1])["top1"] == pytest.approx(summary["val_top1"])
+    export = run_cli("export", str(run_dir), "--out", str(run_dir / "again.safetensors"))
+    assert export.returncode == 0, export.stderr[-2000:]
+    a, b = load_file(run_dir / "again.safetensors"), load_file(run_dir / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float32 for k in a)
 
 
 def test_deepspeed_config_follows_the_run_config() -> None:
