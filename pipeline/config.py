@@ -120,8 +120,14 @@ class OptimCfg:
     """AdamW epsilon."""
     clip_grad: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    layer_decay: float = 0.0
+    """Layer-wise LR decay: block i of L trains at ``lr × layer_decay^(L - i)`` (BEiT/ConvNeXt); 0 disables it."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights, evaluated beside the live weights; 0 disables it."""
 
     def __post_init__(self) -> None:
+        _check(0 <= self.layer_decay <= 1, "optim.layer_decay", self.layer_decay, "in [0, 1]")
+        _check(0 <= self.ema_decay < 1, "optim.ema_decay", self.ema_decay, "in [0, 1)")
         _check(self.lr > 0, "optim.lr", self.lr, "> 0")
         _check(self.lr_base_batch >= 0, "optim.lr_base_batch", self.lr_base_batch, ">= 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
@@ -178,6 +184,12 @@ class EngineCfg:
     """Collective backend: ``auto`` picks NCCL on GPUs and gloo on CPUs."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
+    grad_checkpointing: bool = False
+    """Recompute activations in the backward pass (the model's ``set_grad_checkpointing`` hook)."""
+    channels_last: bool = False
+    """Channels-last memory format for weights and inputs (faster convolutions on GPUs)."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device in the training precision, for MFU (e.g. 989 for H100 bf16); 0: not logged."""
 
     def __post_init__(self) -> None:
         _check(self.grad_accum_steps >= 1, "engine.grad_accum_steps", self.grad_accum_steps, ">= 1")

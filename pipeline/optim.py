@@ -36,9 +36,22 @@ def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def layer_decay_groups(net: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Groups by depth through the model's ``group_matcher`` hook, each with its ``lr_scale`` (timm's rule)."""
+    from timm.optim._param_groups import param_groups_layer_decay
+
+    skip = set(net.no_weight_decay()) if hasattr(net, "no_weight_decay") else set()
+    return param_groups_layer_decay(net, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+
+
 def build_optimizer(net: torch.nn.Module, cfg: OptimCfg, lr: float) -> torch.optim.Optimizer:
-    """Builds the optimizer over :func:`param_groups`."""
-    groups = param_groups(net, cfg.weight_decay)
+    """Builds the optimizer over :func:`param_groups` (or :func:`layer_decay_groups`)."""
+    if cfg.layer_decay and cfg.layer_decay < 1:
+        groups = layer_decay_groups(net, cfg.weight_decay, cfg.layer_decay)
+        for g in groups:  # the scheduler scales each group's own peak
+            g["lr"] = lr * g["lr_scale"]
+    else:
+        groups = param_groups(net, cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.betas[0], nesterov=True)
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)

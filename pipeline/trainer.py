@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 
 from model.factory import count_params, create_model
+from model.flops import count_flops
 from model.registry import is_model
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, JobCfg
@@ -43,6 +45,9 @@ def check_startup(cfg: JobCfg) -> None:
     """Fails before anything is created, naming the key, for an unknown model or missing data."""
     if not is_model(cfg.model.name):
         raise ConfigError(f"model.name = {cfg.model.name!r}: not a registered model (see `vitpipe models`)")
+    if cfg.optim.ema_decay and cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3:
+        raise ConfigError(f"optim.ema_decay = {cfg.optim.ema_decay}: EMA needs whole weights on every rank; "
+                          "not with engine.zero_stage = 3")
     if not cfg.data.path:
         raise ConfigError("data.path = '': must name a dataset directory written by `vitpipe prep`")
     if not (Path(cfg.data.path) / "dataset.json").is_file():
@@ -86,6 +91,7 @@ class Trainer:
         self.cfg = cfg
         self.acc = build_accelerator(cfg.engine, cfg.data.batch_size, cfg.optim.clip_grad)
         self.input_dtype = input_dtype(cfg.engine)
+        self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
         self.rank, self.world_size = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -131,7 +137,16 @@ class Trainer:
         net = create_model(m.name, num_classes=m.num_classes or len(self.classes), img_size=self.cfg.data.img_size,
                            drop_path_rate=m.drop_path_rate, **m.kwargs)
         self.num_params = count_params(net)
-        logger.info("model %s: %.3f M parameters", m.name, self.num_params / 1e6)
+        size = self.cfg.data.img_size
+        self.flops_per_sample = count_flops(net, torch.zeros(1, 3, size, size))  # forward
+        logger.info("model %s: %.3f M parameters, %.3f GFLOPs per image", m.name, self.num_params / 1e6,
+                    self.flops_per_sample / 1e9)
+        if self.cfg.engine.grad_checkpointing:
+            net.set_grad_checkpointing(True)
+        if self.cfg.engine.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        decay = self.cfg.optim.ema_decay
+        self.ema = ModelEmaV3(net, decay=decay, device=self.device) if decay else None
         _seed_everything(self.cfg.run.seed + 1000 * self.rank)  # different augmentation per rank
         self.net = net
 
@@ -151,6 +166,8 @@ class Trainer:
         # with the checkpoints as a registered object.
         self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.steps_per_epoch, self.peak_lr)
         self.acc.register_for_checkpointing(self.scheduler)
+        if self.ema is not None:
+            self.acc.register_for_checkpointing(self.ema)
 
     def build_tracking(self) -> None:
         """Rank 0 creates (or, on resume, reopens) the job's one MLflow run and shares its id."""
@@ -227,7 +244,8 @@ class Trainer:
     def after_step(self, meter: _Meter) -> None:
         """Step-boundary work: metrics, periodic checkpoint, and the preemption check (all ranks)."""
         if self.step % self.cfg.tracking.log_every_steps == 0 or self.step == self.total_steps:
-            self.metrics.log(meter.flush(self.scheduler.get_last_lr()[0], self.world_size), self.step)
+            self.metrics.log(meter.flush(max(self.scheduler.get_last_lr()), self.world_size, self.flops_per_sample,
+                                         self.cfg.engine.peak_tflops), self.step)
         if self.preemption.requested():
             self.save_checkpoint()
             logger.warning("preempted at step %d: checkpoint written, exiting with status %d for a requeue",
@@ -242,7 +260,8 @@ class Trainer:
         Returns:
             The micro-batch loss.
         """
-        images = batch["image"].to(self.device, self.input_dtype, non_blocking=True)  # B×3×H×W
+        images = batch["image"].to(self.device, self.input_dtype, non_blocking=True,
+                                   memory_format=self.memory_format)  # B×3×H×W
         labels = batch["label"].to(self.device, non_blocking=True)  # B
         with self.acc.accumulate(self.model):
             with self.acc.autocast():
@@ -254,17 +273,23 @@ class Trainer:
                     self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
                 self.optimizer.step()
                 self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.acc.unwrap_model(self.model), step=self.step + 1)
             self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
     def run_eval(self) -> dict[str, float]:
-        """Evaluates the live weights on the validation split and logs ``val/*`` metrics."""
+        """Evaluates the live (and EMA) weights on the validation split and logs ``val/*`` (``val_ema/*``)."""
         dtype = torch.bfloat16 if self.cfg.engine.mixed_precision == "bf16" else None
-        result = evaluate(self.acc.unwrap_model(self.model), self.eval_loader, self.device, dtype,
-                          input_dtype=self.input_dtype)
-        self.metrics.log({"val/top1": result["top1"], "val/top5": result["top5"], "val/loss": result["loss"],
-                          "epoch": float(self.epoch)}, self.step)
-        return result
+        nets = {"val": self.acc.unwrap_model(self.model)}
+        if self.ema is not None:
+            nets["val_ema"] = self.ema.module
+        results, logged = {}, {"epoch": float(self.epoch)}
+        for prefix, net in nets.items():
+            results[prefix] = evaluate(net, self.eval_loader, self.device, dtype, input_dtype=self.input_dtype)
+            logged.update({f"{prefix}/{k}": results[prefix][k] for k in ("top1", "top5", "loss")})
+        self.metrics.log(logged, self.step)
+        return results["val"]
 
     # ------------------------------------------------------------ persistence
     def trainer_state(self) -> dict[str, Any]:
@@ -331,12 +356,19 @@ class _Meter:
     def add(self, loss: float, samples: int) -> None:
         self.loss, self.batches, self.samples = self.loss + loss, self.batches + 1, self.samples + samples
 
-    def flush(self, lr: float, world_size: int) -> dict[str, float]:
-        """Returns loss (mean over ranks), lr, global img/s and data-wait fraction, then resets."""
+    def flush(self, lr: float, world_size: int, flops_per_sample: float, peak_tflops: float) -> dict[str, float]:
+        """Returns loss (mean over ranks), lr, global img/s, data-wait fraction and MFU, then resets.
+
+        MFU counts 3 × forward FLOPs per trained image (forward + backward), over ``peak_tflops`` per process.
+        """
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         loss_sum, batches = all_reduce_sum([self.loss, float(self.batches)])
-        out = {"train/loss": loss_sum / max(batches, 1.0), "train/lr": lr,
-               "train/img_per_s": self.samples * world_size / elapsed, "train/data_wait": self.wait / elapsed}
+        img_per_s = self.samples * world_size / elapsed
+        out = {"train/loss": loss_sum / max(batches, 1.0), "train/lr": lr, "train/img_per_s": img_per_s,
+               "train/data_wait": self.wait / elapsed,
+               "train/tflops_per_proc": 3 * flops_per_sample * img_per_s / world_size / 1e12}
+        if peak_tflops:
+            out["train/mfu"] = out["train/tflops_per_proc"] / peak_tflops
         self.reset()
         return out
 

@@ -82,8 +82,11 @@ def test_bf16_accumulation_and_checkpoint_rotation(digits_shards: Path, tmp_path
     proc = run_cli("train", "jobs/demo/vitnano_digits_cls_cpu_quick.toml", f"--data.path={digits_shards}",
                    f"--run.output_dir={tmp_path}", "--run.name=bf16", "--engine.mixed_precision=bf16",
                    "--engine.grad_accum_steps=2", "--schedule.max_steps=6", "--checkpoint.every_steps=2",
-                   "--checkpoint.keep_last=2", "--tracking.enabled=false", "--eval.every_epochs=0", timeout=300)
+                   "--checkpoint.keep_last=2", "--tracking.enabled=false", "--eval.every_epochs=0",
+                   "--engine.grad_checkpointing=true", "--engine.peak_tflops=1.0", "--tracking.log_every_steps=2",
+                   timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("train/mfu=") == 3 and "GFLOPs per image" in proc.stderr
     run_dir = tmp_path / "bf16"
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_00000004", "step_00000006"]  # rotated; no temporary directory left

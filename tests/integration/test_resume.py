@@ -25,7 +25,8 @@ RECIPE = "jobs/demo/vitnano_digits_cls_cpu_quick.toml"
 def _args(shards: Path, out: Path, name: str) -> list[str]:
     return ["train", RECIPE, f"--data.path={shards}", f"--run.output_dir={out}", f"--run.name={name}",
             "--schedule.epochs=2", "--data.num_workers=2", "--tracking.log_every_steps=1", "--eval.every_epochs=1",
-            "--model.kwargs={ drop_rate = 0.1 }"]  # dropout: the model's own RNG must resume exactly too
+            "--model.kwargs={ drop_rate = 0.1 }",  # dropout: the model's own RNG must resume exactly too
+            "--optim.ema_decay=0.9", "--optim.layer_decay=0.8"]  # EMA state and per-layer groups resume too
 
 
 def _preempt_after(args: list[str], step: int) -> int:
@@ -68,6 +69,9 @@ def test_preempted_run_resumes_bit_exactly(digits_shards: Path, tmp_path: Path) 
     full_loss = [m.value for m in client.get_metric_history(runs["full"].info.run_id, "train/loss")]
     cut_loss = [m.value for m in client.get_metric_history(runs["cut"].info.run_id, "train/loss")]
     assert cut_loss == full_loss  # the same loss trajectory
+    for key in ("val/top1", "val_ema/top1", "val_ema/loss"):
+        history = [[m.value for m in client.get_metric_history(runs[r].info.run_id, key)] for r in ("full", "cut")]
+        assert history[0] == history[1] and len(history[0]) == 2, key
     assert runs["cut"].info.status == "FINISHED" and runs["cut"].data.tags["vitpipe.resumed"] == "true"
 
 

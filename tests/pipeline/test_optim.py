@@ -50,3 +50,31 @@ def test_no_decay_on_biases_norms_and_tokens() -> None:
     assert all(n.endswith("bias") or "norm" in n or n in ("cls_token", "pos_embed") for n in no_decay_names)
     assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05
     assert no_decay["weight_decay"] == 0.0
+
+
+def test_layer_decay_scales_lr_by_depth() -> None:
+    net = create_model("vit_pico_patch4_32")  # 4 blocks: embeddings, blocks 0..3, head → 6 layer ids
+    opt = build_optimizer(net, OptimCfg(lr=1e-3, layer_decay=0.5), 1e-3)
+    by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    lr_of = {name: by_param[id(p)] for name, p in net.named_parameters()}
+    assert lr_of["head.weight"] == pytest.approx(1e-3)
+    assert lr_of["blocks.3.mlp.fc1.weight"] == pytest.approx(1e-3 * 0.5)
+    assert lr_of["blocks.0.mlp.fc1.weight"] == pytest.approx(1e-3 * 0.5**4)
+    assert lr_of["patch_embed.proj.weight"] == pytest.approx(1e-3 * 0.5**5)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(net.cls_token) not in decayed and id(net.blocks[0].attn.qkv.weight) in decayed
+
+
+def test_grad_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(1)
+        net = create_model("vit_pico_patch4_32")
+        net.set_grad_checkpointing(ckpt)
+        net(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
