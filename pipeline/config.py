@@ -188,6 +188,8 @@ class EngineCfg:
     """Recompute activations in the backward pass (the model's ``set_grad_checkpointing`` hook)."""
     channels_last: bool = False
     """Channels-last memory format for weights and inputs (faster convolutions on GPUs)."""
+    compile: bool = False
+    """Compile the model with ``torch.compile`` (inductor) when the engine wraps it."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device in the training precision, for MFU (e.g. 989 for H100 bf16); 0: not logged."""
 

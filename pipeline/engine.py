@@ -78,7 +78,8 @@ def build_accelerator(cfg: EngineCfg, micro_batch: int = 1, clip_grad: float = 0
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # accelerate imports DeepSpeed, which probes for GPUs
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
     kwargs: dict[str, Any] = {"mixed_precision": cfg.mixed_precision,
-                              "gradient_accumulation_steps": cfg.grad_accum_steps}
+                              "gradient_accumulation_steps": cfg.grad_accum_steps,
+                              "dynamo_backend": "inductor" if cfg.compile else "no"}
     if cfg.backend == "deepspeed":
         if not use_cuda:
             _prepare_cpu_deepspeed()

@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
+    # The DeepSpeed launcher appends --local_rank=N; rank and world size are read from the environment.
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     args, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "." in a.split("=")[0]]
     unknown = [a for a in rest if a not in overrides]
