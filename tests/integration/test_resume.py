@@ -86,3 +86,37 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(digits_shards: Pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "is corrupt (model.safetensors differ" in proc.stderr
     assert "resumed from" in proc.stderr and "step_00000006: step 6" in proc.stderr
+
+
+def test_two_process_preemption_then_resume_on_one(digits_shards: Path, tmp_path: Path) -> None:
+    """SIGUSR1 to rank 1 alone stops both ranks at the same step; the run then resumes on one process."""
+    import psutil
+
+    args = _args(digits_shards, tmp_path, "shrink") + ["--nproc-per-node", "2", "--data.num_workers=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "vitpipe", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stderr:
+        if "step 4 " in line:
+            trainers = [p for p in psutil.Process(proc.pid).children(recursive=True)  # not the torchrun agent
+                        if "pipeline.train" in " ".join(p.cmdline()) and "distributed.run" not in " ".join(p.cmdline())]
+            pids = {p.pid for p in trainers}  # loader workers are children of a trainer: leave them out
+            ranks = [p for p in trainers if p.ppid() not in pids and "RANK=1" in _environ(p)]
+            assert len(ranks) == 1
+            ranks[0].send_signal(signal.SIGUSR1)
+            break
+    proc.stderr.read()
+    assert proc.wait(timeout=300) != 0  # torchrun reports the workers' status 75 as a failure
+    run_dir = tmp_path / "shrink"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "PREEMPTED"
+    assert "exiting with status 75" in (run_dir / "log.rank1.txt").read_text()
+    resumed = run_cli(*[a for a in args if a not in ("--nproc-per-node", "2")], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming 1 processes from a checkpoint of 2" in resumed.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "FINISHED"
+
+
+def _environ(process) -> str:
+    try:
+        return " ".join(f"{k}={v}" for k, v in process.environ().items() if k == "RANK")
+    except Exception:  # noqa: BLE001 - a process that just exited
+        return ""
