@@ -88,24 +88,29 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(digits_shards: Pat
     assert "resumed from" in proc.stderr and "step_00000006: step 6" in proc.stderr
 
 
-def test_two_process_preemption_then_resume_on_one(digits_shards: Path, tmp_path: Path) -> None:
-    """SIGUSR1 to rank 1 alone stops both ranks at the same step; the run then resumes on one process."""
+def _preempt_rank(args: list[str], rank: int, step: int) -> int:
+    """Starts a multi-process run, sends SIGUSR1 to one rank's trainer at ``step``, returns the exit status."""
     import psutil
 
-    args = _args(digits_shards, tmp_path, "shrink") + ["--nproc-per-node", "2", "--data.num_workers=1"]
     proc = subprocess.Popen([sys.executable, "-m", "vitpipe", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stderr:
-        if "step 4 " in line:
+        if f"step {step} " in line:
             trainers = [p for p in psutil.Process(proc.pid).children(recursive=True)  # not the torchrun agent
                         if "pipeline.train" in " ".join(p.cmdline()) and "distributed.run" not in " ".join(p.cmdline())]
             pids = {p.pid for p in trainers}  # loader workers are children of a trainer: leave them out
-            ranks = [p for p in trainers if p.ppid() not in pids and "RANK=1" in _environ(p)]
+            ranks = [p for p in trainers if p.ppid() not in pids and f"RANK={rank}" in _environ(p)]
             assert len(ranks) == 1
             ranks[0].send_signal(signal.SIGUSR1)
             break
     proc.stderr.read()
-    assert proc.wait(timeout=300) != 0  # torchrun reports the workers' status 75 as a failure
+    return proc.wait(timeout=300)
+
+
+def test_two_process_preemption_then_resume_on_one(digits_shards: Path, tmp_path: Path) -> None:
+    """SIGUSR1 to rank 1 alone stops both ranks at the same step; the run then resumes on one process."""
+    args = _args(digits_shards, tmp_path, "shrink") + ["--nproc-per-node", "2", "--data.num_workers=1"]
+    assert _preempt_rank(args, rank=1, step=4) != 0  # torchrun reports the workers' status 75 as a failure
     run_dir = tmp_path / "shrink"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "PREEMPTED"
     assert "exiting with status 75" in (run_dir / "log.rank1.txt").read_text()
@@ -113,6 +118,23 @@ def test_two_process_preemption_then_resume_on_one(digits_shards: Path, tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming 1 processes from a checkpoint of 2" in resumed.stderr
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "FINISHED"
+
+
+def test_zero2_preemption_resumes_bit_exactly(digits_shards: Path, tmp_path: Path) -> None:
+    """DeepSpeed ZeRO-2 on 2 processes: sharded optimizer states go through checkpoint and resume exactly."""
+    def args(name: str) -> list[str]:
+        return [*_args(digits_shards, tmp_path, name), "--nproc-per-node", "2", "--data.num_workers=1",
+                "--engine.backend=deepspeed", "--engine.zero_stage=2", "--optim.ema_decay=0",
+                "--tracking.enabled=false"]
+
+    full = run_cli(*args("full"), timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert _preempt_rank(args("cut"), rank=0, step=6) != 0
+    assert list((tmp_path / "cut" / "checkpoints").glob("step_*/pytorch_model/*optim_states.pt"))
+    again = run_cli(*args("cut"), timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _environ(process) -> str:
