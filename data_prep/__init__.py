@@ -1,13 +1,20 @@
-"""Offline dataset preparation for vitpipe: ImageFolder trees -> WebDataset shards.
+"""Offline dataset preparation for vitpipe: image and video datasets -> WebDataset shards.
 
 Modules:
     scan: ImageFolder scanning (class list and samples).
+    imagenet: ImageNet layouts (flat val with devkit or Kaggle CSV labels, synset names) -> plan.
+    video_sources: Kinetics, Something-Something v2, Diving48 and generic video lists -> plan.
+    plan: the deterministic plan (ordering, shard boundaries, keys, digests, array-task ranges).
+    images: checking, converting or quarantining one image; optional resize + re-encode.
+    video: PyAV re-encoding of one video (window, fps, short side, GOP; h264 / vp9 / JPEG frames).
     probe: header-only image inspection with PIL.
     tarwrite: deterministic tar writer that also writes the DALI ``.idx`` index.
-    shard: split -> shards + parquet manifest + ``dataset.json``.
+    manifest: parquet schemas of the manifests.
+    shard: plan -> shards on a process pool (resumable), merge -> manifests + ``dataset.json``.
+    verify: ``prep verify`` and ``prep inspect``.
     cli: the ``vitpipe prep`` command.
 
-Heavy dependencies (numpy, pyarrow, PIL) are imported by the submodules only.
+Heavy dependencies (numpy, pyarrow, PIL, av) are imported by the submodules only.
 """
 
 from data_prep.errors import PrepError

@@ -1,4 +1,4 @@
-"""``python -m data_prep prep imagenet --src DIR --out DIR``: run the prep command stand-alone."""
+"""``python -m data_prep prep <source|merge|verify|inspect> ...``: the prep command without torch imports."""
 
 import sys
 

@@ -1,13 +1,16 @@
-"""The ``prep`` command: offline conversion of image folders into vitpipe datasets.
+"""The ``prep`` command: offline conversion of image and video datasets into vitpipe datasets.
 
 Wire it into a top-level parser with :func:`add_prep_parser`; the chosen sub-command's handler is
-stored as ``args.func`` and returns an exit code. ``python -m data_prep`` runs it stand-alone.
+stored as ``args.func`` and returns an exit code. ``python -m data_prep`` runs it stand-alone (without
+importing torch, which is what the Slurm array template uses).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,9 @@ _PREP_DESCRIPTION = """\
 Prepare datasets offline for vitpipe training.
 
 Converts a source dataset into WebDataset tar shards with NVIDIA DALI index files,
-a parquet manifest per split and a dataset.json description. Training reads the
-output directory only. Run `vitpipe prep <source> --help` for details.
+a parquet manifest per split, a quarantine manifest and a dataset.json description.
+Training reads the output directory only. Run `vitpipe prep <source> --help` for
+each source's exact input layout; docs/data_prep.md has the details.
 """
 
 _IMAGENET_DESCRIPTION = """\
@@ -31,33 +35,55 @@ Expected input layout (class ids are folder names; any names work):
 
   SRC/train/<class-id>/*.JPEG     required, e.g. SRC/train/n01440764/n01440764_10026.JPEG
   SRC/val/<class-id>/*.JPEG       optional, same class folders as train (a subset is fine)
+  SRC/val/*.JPEG                  or flat, labelled by one of:
+    SRC/LOC_val_solution.csv        Kaggle solution file (or --val-solution FILE)
+    SRC/ILSVRC2012_devkit_t12/      devkit: data/ILSVRC2012_validation_ground_truth.txt
+                                    + data/meta.mat (or --devkit DIR)
+  SRC/LOC_synset_mapping.txt      optional class names "<wnid> <names>" (or synset_words.txt,
+                                  or --synsets FILE; else the devkit's meta.mat)
 
-Images may be .jpg/.jpeg/.png in any letter case; other files are skipped with a
-warning. The class list is the sorted train folder names (torchvision/timm order),
-so label i is the i-th folder. Files PIL cannot identify are skipped and listed
-under "skipped" in dataset.json. The raw ImageNet val folder is flat: sort it into
-class folders first (e.g. with the usual valprep.sh).
+Images may be .jpg/.jpeg/.png in any letter case. The class list is the sorted train
+folder names (torchvision/timm order), so label i is the i-th folder. Inputs that
+cannot be stored (zero-byte, not an image, truncated, oversized) are quarantined with
+the reason in OUT/quarantine.parquet; CMYK JPEGs are converted to RGB.
 
 Output (OUT):
 
-  OUT/dataset.json                 classes, splits, shard list; written last (marks completion)
+  OUT/dataset.json                 classes, splits, shards, counts, options (written last)
   OUT/train.parquet, val.parquet   manifest: key, shard, offset, bytes, label, class_id,
-                                   width, height, format, sha256, source
-  OUT/train/train-000000.tar       shards; each sample has .jpg (or .png; original bytes),
-                                   .cls (label text), .lbl (int64 LE for DALI) and .json
+                                   width, height, format, sha256, source, note
+  OUT/quarantine.parquet           split, key, source, reason of every input not written
+  OUT/train/train-000000.tar       shards; each sample has .jpg (or .png), .cls (label
+                                   text), .lbl (int64 LE for DALI) and .json
   OUT/train/train-000000.idx       DALI index (same format as `wds2idx`)
+  OUT/train/train-000000.parquet   shard sidecar manifest (marks the shard complete)
 
 Train samples are globally shuffled with --seed before sharding; val keeps its
-sorted (class, path) order. Output is byte-identical for the same input and options.
+sorted (class, path) order. Output is byte-identical for the same input and options,
+whatever --workers, --threads or --num-tasks.
 """
 
-_IMAGENET_EPILOG = """\
+_SCALE_EPILOG = """\
 example:
   vitpipe prep imagenet --src /data/imagenet --out /data/imagenet-wds --shard-size 1000
+  vitpipe prep verify /data/imagenet-wds && vitpipe prep inspect /data/imagenet-wds
 
-Shard count rule of thumb: shards >= nodes x GPUs x loader workers (e.g. >= 512 for
-8 nodes x 8 GPUs x 8 workers); ImageNet-1k train (1,281,167 images) with
---shard-size 1000 gives 1,282 shards of about 110 MB.
+scale:
+  --workers N processes write shards in parallel. A Slurm array splits the shards
+  across machines: run the same command with --task-index I --num-tasks N in every
+  task (slurm/prep_array.sbatch), then `vitpipe prep merge OUT`. Re-running after a
+  kill keeps finished shards and rewrites the rest.
+  Rule of thumb: shards >= nodes x GPUs x loader workers (--nodes/--gpus-per-node/
+  --loader-workers warn when not); ImageNet-1k train (1,281,167 images) with
+  --shard-size 1000 gives 1,282 shards of about 110 MB.
+"""
+
+_VIDEO_NOTE = """\
+Videos are decoded with PyAV, cut to the annotated window, resampled to --fps (this
+also fixes variable frame rates), rotated upright when they carry rotation metadata,
+downscaled to --short-side and re-encoded with a keyframe every --keyint frames as
+H.264 mp4 (--codec h264), VP9 webm (vp9) or JPEG frames (jpeg). Videos without a video
+stream, undecodable (truncated) or without frames are quarantined. Audio is dropped.
 """
 
 
@@ -69,8 +95,61 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _split_file(text: str) -> tuple[str, Path]:
+    split, sep, path = text.partition("=")
+    if not sep or not split or not path:
+        raise argparse.ArgumentTypeError(f"expected SPLIT=FILE, got {text!r}")
+    return split, Path(path)
+
+
+def _add_common(p: argparse.ArgumentParser, shard_size: int) -> None:
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--shard-size", type=_positive_int, default=shard_size, metavar="N",
+                   help="inputs per shard (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the global train shuffle (default: %(default)s)")
+    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+                   help="processes writing shards (default: CPU count, %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=4, metavar="N",
+                   help="image reader threads per process (default: %(default)s; videos: one at a time)")
+    p.add_argument("--task-index", type=int, default=0, metavar="I", help="this array task (default: 0)")
+    p.add_argument("--num-tasks", type=_positive_int, default=1, metavar="N",
+                   help="array tasks sharing the work; >1 leaves the merge to `prep merge` (default: 1)")
+    p.add_argument("--max-failure-rate", type=_fraction, default=0.01, metavar="F",
+                   help="fail when more than this fraction of inputs is quarantined (default: %(default)s)")
+    g = p.add_argument_group("training layout (only for the shard-count warning)")
+    g.add_argument("--nodes", type=_positive_int, default=1, help="nodes you will train on (default: 1)")
+    g.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default: 8)")
+    g.add_argument("--loader-workers", type=_positive_int, default=8, help="loader workers per GPU (default: 8)")
+
+
+def _add_video(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("video re-encoding")
+    g.add_argument("--codec", choices=("h264", "vp9", "jpeg"), default="h264",
+                   help="h264 (mp4), vp9 (webm) or jpeg (frame sequence) (default: %(default)s)")
+    g.add_argument("--fps", type=float, default=30.0, help="output frame rate (default: %(default)s)")
+    g.add_argument("--short-side", type=_positive_int, default=320, help="short side in pixels (default: %(default)s)")
+    g.add_argument("--keyint", type=_positive_int, default=8, help="keyframe interval in frames (default: %(default)s)")
+    g.add_argument("--crf", type=int, default=23, help="H.264/VP9 constant rate factor (default: %(default)s)")
+    g.add_argument("--quality", type=int, default=90, help="JPEG quality of frame sequences (default: %(default)s)")
+    g.add_argument("--max-seconds", type=float, default=60.0, help="cap on the clip length (default: %(default)s)")
+
+
+def _sub(sources: Any, name: str, help_: str, description: str, shard_size: int) -> argparse.ArgumentParser:
+    p = sources.add_parser(name, help=help_, description=description, epilog=_SCALE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p, shard_size)
+    return p
+
+
 def add_prep_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``prep`` command (with its ``imagenet`` sub-command) to an argparse subparsers object.
+    """Add the ``prep`` command and its sub-commands to an argparse subparsers object.
 
     Args:
         subparsers: The object returned by ``ArgumentParser.add_subparsers()``.
@@ -85,68 +164,183 @@ def add_prep_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sources = prep.add_subparsers(dest="prep_source", metavar="SOURCE", required=True)
-    imagenet = sources.add_parser(
-        "imagenet",
-        help="ImageNet / ImageFolder tree: SRC/train/<class-id>/*.JPEG [+ SRC/val/<class-id>/*.JPEG]",
-        description=_IMAGENET_DESCRIPTION,
-        epilog=_IMAGENET_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    imagenet.add_argument(
-        "--src", type=Path, required=True, metavar="DIR",
-        help="source root holding train/<class-id>/*.JPEG and optionally val/<class-id>/*.JPEG",
-    )
-    imagenet.add_argument(
-        "--out", type=Path, required=True, metavar="DIR",
-        help="output directory (created if missing; an earlier output there is replaced)",
-    )
-    imagenet.add_argument(
-        "--shard-size", type=_positive_int, default=1000, metavar="N",
-        help="maximum samples per shard (default: %(default)s)",
-    )
-    imagenet.add_argument(
-        "--seed", type=int, default=0,
-        help="seed of the global train shuffle (default: %(default)s)",
-    )
-    imagenet.add_argument(
-        "--workers", type=_positive_int, default=8, metavar="N",
-        help="threads reading and hashing source files (default: %(default)s); output does not depend on it",
-    )
+    imagenet = _sub(sources, "imagenet", "ImageNet / ImageFolder tree: SRC/train/<class-id>/*.JPEG [+ val]",
+                    _IMAGENET_DESCRIPTION, 1000)
+    imagenet.add_argument("--src", type=Path, required=True, metavar="DIR", help="source root holding train/ and val/")
+    imagenet.add_argument("--splits", nargs="+", default=["train", "val"], help="splits (default: train val)")
+    imagenet.add_argument("--val-solution", type=Path, metavar="CSV", help="LOC_val_solution.csv for a flat val/")
+    imagenet.add_argument("--devkit", type=Path, metavar="DIR", help="ILSVRC2012_devkit_t12 for a flat val/")
+    imagenet.add_argument("--synsets", type=Path, metavar="FILE", help="'<wnid> <names>' lines for class names")
+    g = imagenet.add_argument_group("image storage")
+    g.add_argument("--resize", type=_positive_int, metavar="N",
+                   help="downscale to short side N and re-encode as JPEG (default: store the source bytes)")
+    g.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (default: %(default)s)")
+    g.add_argument("--header-only", action="store_true",
+                   help="check image headers only (faster; truncated files are not caught)")
+    g.add_argument("--max-pixels", type=_positive_int, default=89_478_485,
+                   help="quarantine larger images as decompression bombs (default: %(default)s)")
     imagenet.set_defaults(func=run_prep_imagenet)
+
+    kinetics = _sub(sources, "kinetics", "Kinetics CSVs + <youtube_id>_<start>_<end>.mp4 clips",
+                    "Kinetics-400/600/700.\n\n  --annotations train.csv validate.csv   columns label,youtube_id,"
+                    "time_start,time_end,split\n  --videos DIR   clips named <youtube_id>_<start:06d>_<end:06d>.mp4 "
+                    "anywhere below DIR\n  (--full-videos: uncut <youtube_id>.mp4, cut to [time_start, time_end))"
+                    "\n\nClasses: sorted train label names.\n\n" + _VIDEO_NOTE, 100)
+    kinetics.add_argument("--annotations", type=Path, nargs="+", required=True, metavar="CSV")
+    kinetics.add_argument("--videos", type=Path, required=True, metavar="DIR")
+    kinetics.add_argument("--full-videos", action="store_true", help="files are uncut <youtube_id>.<ext> videos")
+    _add_video(kinetics)
+    kinetics.set_defaults(func=run_prep_video)
+
+    ssv2 = _sub(sources, "ssv2", "Something-Something v2: labels.json + train/validation.json + <id>.webm",
+                "Something-Something v2.\n\n  --labels labels.json   {template: index}\n  --train train.json "
+                "--validation validation.json   [{id, template, ...}]\n  --videos DIR   <id>.webm\n\n" + _VIDEO_NOTE,
+                100)
+    ssv2.add_argument("--labels", type=Path, required=True, metavar="JSON")
+    ssv2.add_argument("--train", type=Path, required=True, metavar="JSON")
+    ssv2.add_argument("--validation", type=Path, metavar="JSON")
+    ssv2.add_argument("--videos", type=Path, required=True, metavar="DIR")
+    _add_video(ssv2)
+    ssv2.set_defaults(func=run_prep_video)
+
+    diving = _sub(sources, "diving48", "Diving48: Diving48_V2_{train,test}.json + <vid_name>.mp4",
+                  "Diving48.\n\n  --train Diving48_V2_train.json --val Diving48_V2_test.json   [{vid_name, label, "
+                  "...}]\n  --vocab Diving48_vocab.json   optional class names\n  --videos DIR   <vid_name>.mp4\n\n"
+                  + _VIDEO_NOTE, 100)
+    diving.add_argument("--train", type=Path, required=True, metavar="JSON")
+    diving.add_argument("--val", type=Path, metavar="JSON")
+    diving.add_argument("--vocab", type=Path, metavar="JSON")
+    diving.add_argument("--videos", type=Path, required=True, metavar="DIR")
+    _add_video(diving)
+    diving.set_defaults(func=run_prep_video)
+
+    vlist = _sub(sources, "videolist", "generic '<path> <label> [<start> <end>]' lists (FineGym, UCF101, ...)",
+                 "Generic video lists.\n\n  --list train=train.txt --list val=val.txt   lines '<path> <label> "
+                 "[<start> <end>]'\n  --root DIR   paths are relative to it\n  --classes FILE   optional, one "
+                 "class name per line (line i = label i)\n\n" + _VIDEO_NOTE, 100)
+    vlist.add_argument("--list", type=_split_file, action="append", required=True, metavar="SPLIT=FILE")
+    vlist.add_argument("--root", type=Path, required=True, metavar="DIR")
+    vlist.add_argument("--classes", type=Path, metavar="FILE")
+    _add_video(vlist)
+    vlist.set_defaults(func=run_prep_video)
+
+    merge = sources.add_parser("merge", help="after array tasks: check all shards, write manifests + dataset.json",
+                               description="Check that every planned shard is complete, then write the split "
+                               "manifests, quarantine.parquet and dataset.json.")
+    merge.add_argument("out", type=Path, metavar="OUT")
+    merge.set_defaults(func=run_merge)
+    verify = sources.add_parser("verify", help="re-read every shard and check it against the manifests",
+                                description="Re-read every shard; check counts, index files, offsets, sha256 and "
+                                "labels against the manifests; decode a sample. Exit 1 on any mismatch.")
+    verify.add_argument("out", type=Path, metavar="OUT")
+    verify.add_argument("--decode-fraction", type=_fraction, default=0.01, metavar="F",
+                        help="fraction of payloads to decode (default: %(default)s; at least one per shard)")
+    verify.set_defaults(func=run_verify)
+    inspect = sources.add_parser("inspect", help="class histogram, sizes, formats of a prepared dataset")
+    inspect.add_argument("out", type=Path, metavar="OUT")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(func=run_inspect)
     return prep
 
 
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_failure_rate": args.max_failure_rate,
+            "train_layout": {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
+                             "loader_workers": args.loader_workers}}
+
+
+def _run(args: argparse.Namespace, plan: Any, opts: Any) -> int:
+    from data_prep.shard import merge, run_plan
+
+    results = run_plan(plan, args.out, opts, workers=args.workers, threads=args.threads,
+                       task_index=args.task_index, num_tasks=args.num_tasks, settings=_settings(args))
+    written = sum(r.num_samples for r in results)
+    quarantined = sum(len(r.quarantined) for r in results)
+    logger.info("task %d/%d: %d shards (%d kept from an earlier run), %d written, %d quarantined",
+                args.task_index, args.num_tasks, len(results), sum(r.skipped for r in results), written, quarantined)
+    if args.num_tasks > 1:
+        logger.info("task done; after all tasks run `vitpipe prep merge %s`", args.out)
+        return 0
+    _report(merge(args.out), args.out)
+    return 0
+
+
+def _report(info: dict[str, Any], out: Path) -> None:
+    c = info["counts"]
+    parts = [f"{name}: {s['num_samples']} samples in {len(s['shards'])} shards" for name, s in info["splits"].items()]
+    logger.info("prepared %d classes; %s; inputs %d = written %d + quarantined %d; output %s",
+                info["num_classes"], "; ".join(parts), c["inputs"], c["written"], c["quarantined"],
+                Path(out) / "dataset.json")
+
+
 def run_prep_imagenet(args: argparse.Namespace) -> int:
-    """Run ``prep imagenet`` with parsed arguments.
+    """Run ``prep imagenet`` with parsed arguments (returns 0; raises PrepError on unusable input)."""
+    from data_prep.imagenet import build_image_plan
+    from data_prep.images import ImageOptions
 
-    Args:
-        args: Namespace with ``src``, ``out``, ``shard_size``, ``seed`` and (optionally) ``workers``.
+    opts = ImageOptions(resize=getattr(args, "resize", None), quality=getattr(args, "quality", 90),
+                        decode_check=not getattr(args, "header_only", False),
+                        max_pixels=getattr(args, "max_pixels", 89_478_485))
+    plan = build_image_plan(args.src, splits=args.splits, shard_size=args.shard_size, seed=args.seed, opts=opts,
+                            val_solution=args.val_solution, devkit=args.devkit, synsets=args.synsets)
+    return _run(args, plan, opts)
 
-    Returns:
-        0 on success.
 
-    Raises:
-        PrepError: If the input is unusable (the caller reports it on one line).
-    """
-    from data_prep.shard import prep_imagefolder  # heavy imports (pyarrow, PIL) only when run
+def run_prep_video(args: argparse.Namespace) -> int:
+    """Run ``prep kinetics|ssv2|diving48|videolist`` with parsed arguments."""
+    from data_prep import video_sources as vs
+    from data_prep.video import VideoOptions
 
-    info = prep_imagefolder(
-        Path(args.src), Path(args.out), shard_size=args.shard_size, seed=args.seed,
-        workers=getattr(args, "workers", 8),
-    )
-    parts = [
-        f"{name}: {s['num_samples']} samples in {len(s['shards'])} shards"
-        for name, s in info["splits"].items()
-    ]
-    logger.info(
-        "prepared %d classes; %s; %d skipped; output %s",
-        info["num_classes"], "; ".join(parts), len(info["skipped"]), Path(args.out) / "dataset.json",
-    )
+    opts = VideoOptions(codec=args.codec, fps=args.fps, short_side=args.short_side, keyint=args.keyint,
+                        crf=args.crf, quality=args.quality, max_seconds=args.max_seconds)
+    options = {k: getattr(opts, k) for k in ("codec", "fps", "short_side", "keyint", "crf", "quality", "max_seconds")}
+    common = {"shard_size": args.shard_size, "seed": args.seed, "options": options}
+    if args.prep_source == "kinetics":
+        plan = vs.scan_kinetics(args.annotations, args.videos, full_videos=args.full_videos, **common)
+    elif args.prep_source == "ssv2":
+        files = {"train": args.train, **({"val": args.validation} if args.validation else {})}
+        plan = vs.scan_ssv2(args.labels, files, args.videos, **common)
+    elif args.prep_source == "diving48":
+        files = {"train": args.train, **({"val": args.val} if args.val else {})}
+        plan = vs.scan_diving48(files, args.videos, vocab=args.vocab, **common)
+    else:
+        plan = vs.scan_videolist(dict(args.list), args.root, class_file=args.classes, **common)
+    return _run(args, plan, opts)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """Run ``prep merge OUT``."""
+    from data_prep.shard import merge
+
+    _report(merge(args.out), args.out)
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Run ``prep verify OUT``: 0 when sound, 1 with one log line per problem otherwise."""
+    from data_prep.verify import verify_dataset
+
+    problems = verify_dataset(args.out, decode_fraction=args.decode_fraction)
+    for p in problems:
+        logger.error("%s", p)
+    if problems:
+        sys.stderr.write(f"prep verify: {len(problems)} problem(s) in {args.out}\n")
+        return 1
+    logger.info("%s: every shard, index and manifest row checks out", args.out)
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Run ``prep inspect OUT`` (summary on stdout)."""
+    from data_prep.verify import format_inspect, inspect_dataset
+
+    summary = inspect_dataset(args.out)
+    sys.stdout.write((json.dumps(summary, indent=2) if args.json else format_inspect(summary)) + "\n")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m data_prep prep imagenet ...``).
+    """Stand-alone entry point (``python -m data_prep prep <source> ...``).
 
     Args:
         argv: Arguments without the program name; None reads ``sys.argv``.

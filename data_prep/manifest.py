@@ -1,4 +1,4 @@
-"""Parquet manifest of a split: one row per sample with its location in the shards."""
+"""Parquet manifests: one row per written sample (split and shard sidecars), and the quarantine manifest."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import TracebackType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +16,7 @@ from data_prep.tarwrite import FILE_MODE
 logger = logging.getLogger(__name__)
 
 #: Manifest format version, stored in the schema metadata.
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 #: Column layout of ``<split>.parquet``.
 MANIFEST_SCHEMA = pa.schema(
@@ -30,9 +29,13 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("class_id", pa.string(), nullable=False),  # class folder name
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
-        pa.field("format", pa.string(), nullable=False),  # "jpeg" or "png"
-        pa.field("sha256", pa.string(), nullable=False),  # hex digest of the image bytes
+        pa.field("fps", pa.float64()),  # videos only (null for images)
+        pa.field("frames", pa.int32()),  # videos only
+        pa.field("duration", pa.float64()),  # videos only, seconds
+        pa.field("format", pa.string(), nullable=False),  # jpeg, png, h264, vp9, jpeg-frames
+        pa.field("sha256", pa.string(), nullable=False),  # hex digest of the payload (all frames, in order)
         pa.field("source", pa.string(), nullable=False),  # path relative to the source root
+        pa.field("note", pa.string(), nullable=False),  # conversions applied ("" when none)
     ],
     metadata={"vitpipe.manifest_version": str(MANIFEST_VERSION)},
 )
@@ -50,80 +53,52 @@ class ManifestRow:
     class_id: str
     width: int
     height: int
+    fps: float | None
+    frames: int | None
+    duration: float | None
     format: str
     sha256: str
     source: str
+    note: str
 
 
 _COLUMNS = [f.name for f in fields(ManifestRow)]
 
+#: Quarantine manifest (``quarantine.parquet``): every input that was not written, and why.
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("key", pa.string()),  # planned key (null for inputs rejected while scanning)
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+    ],
+    metadata={"vitpipe.manifest_version": str(MANIFEST_VERSION)},
+)
 
-class ManifestWriter:
-    """Stream manifest rows into a zstd-compressed parquet file, one row group per shard.
 
-    The file is written to a hidden temporary file and moved into place on :meth:`close`; leaving a
-    ``with`` block with an exception discards it. Memory stays bounded by one shard's rows.
+def rows_to_table(rows: list[ManifestRow]) -> pa.Table:
+    """Return manifest rows as a table with :data:`MANIFEST_SCHEMA`."""
+    return pa.Table.from_pydict({name: [getattr(r, name) for r in rows] for name in _COLUMNS}, schema=MANIFEST_SCHEMA)
+
+
+def write_table_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a zstd parquet file through a hidden temporary file and ``os.replace``.
+
+    Args:
+        table: The rows.
+        path: Destination.
+        metadata: Extra schema metadata (merged into the table's).
     """
-
-    def __init__(self, path: Path) -> None:
-        """Open the temporary parquet file next to ``path``.
-
-        Args:
-            path: Final path of the manifest.
-        """
-        self.path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.fchmod(fd, FILE_MODE)
-        os.close(fd)
-        self._tmp_path = Path(tmp)
-        self._writer = pq.ParquetWriter(self._tmp_path, MANIFEST_SCHEMA, compression="zstd")
-        self._pending: list[ManifestRow] = []
-        self.num_rows = 0
-        self._done = False
-
-    def add(self, row: ManifestRow) -> None:
-        """Queue one row (written at the next :meth:`flush`)."""
-        self._pending.append(row)
-
-    def flush(self) -> None:
-        """Write the queued rows as one row group."""
-        if not self._pending:
-            return
-        columns = {name: [getattr(r, name) for r in self._pending] for name in _COLUMNS}
-        self._writer.write_table(pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA))
-        self.num_rows += len(self._pending)
-        self._pending = []
-
-    def close(self) -> None:
-        """Flush, finish the file and move it into place."""
-        if self._done:
-            return
-        self.flush()
-        self._writer.close()
-        with open(self._tmp_path, "rb+") as f:
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, FILE_MODE)
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(self._tmp_path, self.path)
-        self._done = True
-        logger.debug("wrote %s (%d rows)", self.path, self.num_rows)
-
-    def abort(self) -> None:
-        """Discard the manifest."""
-        if self._done:
-            return
-        self._done = True
-        self._writer.close()
-        self._tmp_path.unlink(missing_ok=True)
-
-    def __enter__(self) -> ManifestWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

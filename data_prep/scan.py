@@ -30,12 +30,16 @@ class Sample:
         class_id: Class folder name, e.g. ``"n01440764"``.
         source: POSIX path of the file relative to the source root, e.g.
             ``"train/n01440764/n01440764_10026.JPEG"``; recorded in the manifest and sample JSON.
+        start: Videos only: start of the annotated time window in seconds (None: from the start).
+        end: Videos only: end of the annotated time window in seconds (None: to the end).
     """
 
     path: Path
     label: int
     class_id: str
     source: str
+    start: float | None = None
+    end: float | None = None
 
 
 def list_class_dirs(split_dir: Path) -> list[str]:
@@ -84,15 +88,16 @@ def _relative_source(path: Path, root: Path) -> str:
         return path.resolve().as_posix()
 
 
-def _count_stray_files(split_dir: Path) -> int:
-    """Count regular files lying directly in ``split_dir`` (outside any class folder)."""
-    return sum(1 for e in os.scandir(split_dir) if e.is_file() and not e.name.startswith("."))
+def _stray_files(split_dir: Path) -> list[Path]:
+    """Return the regular files lying directly in ``split_dir`` (outside any class folder), sorted."""
+    return sorted(Path(e.path) for e in os.scandir(split_dir) if e.is_file() and not e.name.startswith("."))
 
 
 def scan_imagefolder(
     split_dir: Path,
     classes: Sequence[str] | None = None,
     root: Path | None = None,
+    ignored: list[str] | None = None,
 ) -> tuple[list[str], list[Sample]]:
     """Scan an ImageFolder split directory.
 
@@ -103,6 +108,8 @@ def scan_imagefolder(
             None, the sorted class folders of ``split_dir`` are used.
         root: Directory that ``Sample.source`` paths are relative to; defaults to ``split_dir.parent``
             so sources look like ``"train/<class_id>/<file>"``.
+        ignored: When given, the sources of files left out (no image extension, or outside class
+            folders) are appended to it, so the caller can quarantine them instead of losing them.
 
     Returns:
         ``(classes, samples)``: the class list that defines the labels, and the samples sorted by
@@ -124,19 +131,22 @@ def scan_imagefolder(
             f"e.g. {unknown[0]!r}; val classes must be a subset of train classes"
         )
     samples: list[Sample] = []
-    ignored = _count_stray_files(split_dir)
+    stray = _stray_files(split_dir)
+    left_out = [_relative_source(p, root) for p in stray]
     for name in sorted(folders, key=index.__getitem__):
         files = _walk_files(split_dir / name)
         images = [p for p in files if is_image_file(p)]
-        ignored += len(files) - len(images)
+        left_out.extend(_relative_source(p, root) for p in files if not is_image_file(p))
         if not images:
             logger.warning("%s: class folder %r holds no image files", split_dir, name)
         samples.extend(Sample(p, index[name], name, _relative_source(p, root)) for p in images)
-    if ignored:
+    if left_out:
         logger.warning(
             "%s: skipped %d file(s) without an image extension (%s) or outside class folders",
-            split_dir, ignored, "/".join(sorted(IMAGE_EXTENSIONS)),
+            split_dir, len(left_out), "/".join(sorted(IMAGE_EXTENSIONS)),
         )
+        if ignored is not None:
+            ignored.extend(left_out)
     if not samples:
         raise PrepError(f"{split_dir}: no image files (.jpg/.jpeg/.png) found in its class folders")
     logger.info("%s: %d images in %d class folders", split_dir, len(samples), len(folders))

@@ -1,197 +1,460 @@
-"""Split -> WebDataset shards + DALI indexes + parquet manifest, and the dataset-level ``dataset.json``.
+"""Plan -> WebDataset shards + DALI indexes + parquet manifests + ``dataset.json``.
 
-Output layout of :func:`prep_imagefolder`::
+Output layout::
 
-    <out>/dataset.json                  written last; its presence marks a complete dataset
-    <out>/train.parquet                 manifest, one row per sample
-    <out>/train/train-000000.tar        WebDataset shard
-    <out>/train/train-000000.idx        DALI index of that shard (wds2idx format)
-    ...
+    <out>/dataset.json                   written last by the merge; its presence marks a complete dataset
+    <out>/train.parquet                  split manifest, one row per written sample
+    <out>/quarantine.parquet             every input that was not written, with the reason
+    <out>/train/train-000000.tar         WebDataset shard
+    <out>/train/train-000000.idx         DALI index of that shard (wds2idx format)
+    <out>/train/train-000000.parquet     shard sidecar: its manifest rows; written last, marks the shard done
+    <out>/_parts/plan.json               what the merge needs (classes, shard digests, options)
 
-Each sample has four tar members, in this order: ``<key>.jpg`` (or ``.png``; the source bytes,
-unchanged), ``<key>.cls`` (label as ASCII decimal), ``<key>.lbl`` (label as 8-byte little-endian int64,
-for DALI's ``dtypes=[UINT8, INT64]``) and ``<key>.json`` (``{"class_id", "label", "source"}``).
+Each sample holds, in this order: the media component(s) (``jpg``/``png`` for images, ``mp4``/``webm``
+for videos, ``f0000.jpg`` ... for JPEG frame sequences), ``cls`` (label as ASCII decimal), ``lbl``
+(label as 8-byte little-endian int64, for DALI's ``dtypes=[UINT8, INT64]``) and ``json``
+(``{"class_id", "label", "source"}`` plus, for videos, the window and frame facts).
+
+Work is split by shard: :func:`run_plan` writes the shards of one task range (all of them by default)
+on a process pool and skips shards whose sidecar says they are complete for the same inputs and
+options; :func:`merge` checks that every planned shard is there and writes the split manifests, the
+quarantine manifest and ``dataset.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import struct
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from data_prep.errors import PrepError
-from data_prep.loading import Loaded, load_sample, ordered_map
-from data_prep.manifest import ManifestRow, ManifestWriter
-from data_prep.probe import ImageInfo
-from data_prep.scan import Sample, scan_imagefolder
+from data_prep.images import Encoded, ImageOptions, Quarantine, process_image
+from data_prep.loading import ordered_map
+from data_prep.manifest import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, ManifestRow, rows_to_table, write_table_atomic
+from data_prep.plan import Plan, ShardTask, check_split_name, order_samples, sample_key, shard_name, task_range
+from data_prep.scan import Sample
 from data_prep.tarwrite import TarShardWriter, atomic_write_bytes
+from data_prep.video import VideoOptions
 
 logger = logging.getLogger(__name__)
 
-#: Version of the ``dataset.json`` layout.
-FORMAT_VERSION = 1
+#: Version of the ``dataset.json`` layout (2 adds counts, quarantine and video fields; 1 is still read).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DATASET_JSON = "dataset.json"
-#: Default number of reader threads (source reads are I/O bound, e.g. on network file systems).
-DEFAULT_WORKERS = 8
-_SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+PARTS_DIR = "_parts"
+PLAN_JSON = "plan.json"
+#: Default reader threads per process.
+DEFAULT_WORKERS = 4
+_SHARD_META = b"vitpipe.shard"
+
+__all__ = [
+    "DATASET_JSON", "FORMAT_VERSION", "ShardResult", "load_dataset_info", "merge", "prep_imagefolder",
+    "run_plan", "sample_key", "shard_name", "write_split",
+]
 
 
 @dataclass(frozen=True)
-class ShardInfo:
-    """One written shard. Attributes: file ``name``, ``num_samples``, and ``index`` file name."""
-
-    name: str
-    num_samples: int
-    index: str
-
-
-@dataclass(frozen=True)
-class SkippedSample:
-    """A source file left out of the shards. Attributes: ``split``, ``source`` path, ``reason``."""
-
-    split: str
-    source: str
-    reason: str
-
-
-@dataclass
-class SplitSummary:
-    """Result of :func:`write_split`.
+class ShardResult:
+    """What writing one shard produced.
 
     Attributes:
         split: Split name.
-        num_samples: Samples written.
-        shards: Written shards, in order.
-        manifest: Manifest file name (relative to the output root).
-        skipped: Source files that were left out, with the reason.
-        shuffled: Whether the sample order was shuffled.
+        name: Shard file name.
+        num_inputs: Planned inputs.
+        num_samples: Samples written (0: every input was quarantined and no tar exists).
+        bytes: Tar size in bytes.
+        quarantined: ``(key, source, reason)`` of each input that was not written.
+        skipped: True when the shard was already complete and left alone (resume).
     """
 
     split: str
+    name: str
+    num_inputs: int
     num_samples: int
-    shards: list[ShardInfo] = field(default_factory=list)
-    manifest: str = ""
-    skipped: list[SkippedSample] = field(default_factory=list)
-    shuffled: bool = False
+    bytes: int
+    quarantined: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: bool = False
 
 
-def shard_name(split: str, index: int) -> str:
-    """Return the shard file name, e.g. ``train-000003.tar``."""
-    return f"{split}-{index:06d}.tar"
+# ---------------------------------------------------------------- one shard
 
 
-def sample_key(split: str, index: int) -> str:
-    """Return the sample key, e.g. ``train_00000042`` (unique within the dataset, no dots)."""
-    return f"{split}_{index:08d}"
+def _meta(sample: Sample, enc: Encoded) -> dict[str, Any]:
+    meta: dict[str, Any] = {"class_id": sample.class_id, "label": sample.label, "source": sample.source}
+    if enc.fps is not None:
+        meta.update(fps=enc.fps, frames=enc.frames, duration=enc.duration, start=sample.start, end=sample.end)
+    return meta
 
 
-def order_samples(samples: Sequence[Sample], seed: int, shuffle: bool) -> list[Sample]:
-    """Sort samples by (label, source path), then optionally apply a seeded global permutation.
-
-    Sorting first makes the result independent of the order the caller listed the files in.
-
-    Args:
-        samples: Samples to order.
-        seed: Seed for ``numpy.random.default_rng``.
-        shuffle: Whether to permute after sorting.
-
-    Returns:
-        The ordered samples.
-    """
-    ordered = sorted(samples, key=lambda s: (s.label, s.source))
-    if not shuffle:
-        return ordered
-    perm = np.random.default_rng(seed).permutation(len(ordered))
-    return [ordered[i] for i in perm]
-
-
-def _components(sample: Sample, data: bytes, info: ImageInfo) -> list[tuple[str, bytes]]:
+def _components(sample: Sample, enc: Encoded) -> list[tuple[str, bytes]]:
     """Return the tar components of one sample, in their fixed order."""
-    meta = {"class_id": sample.class_id, "label": sample.label, "source": sample.source}
     return [
-        (info.ext, data),
+        *enc.components,
         ("cls", str(sample.label).encode("ascii")),
         ("lbl", struct.pack("<q", sample.label)),
-        ("json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")),
+        ("json", json.dumps(_meta(sample, enc), sort_keys=True, ensure_ascii=False).encode("utf-8")),
     ]
 
 
-def _label_ok(sample: Sample, classes: Sequence[str]) -> bool:
-    """Return True if the sample's label indexes its class id in ``classes``."""
-    return 0 <= sample.label < len(classes) and classes[sample.label] == sample.class_id
+def encode_sample(sample: Sample, opts: ImageOptions | VideoOptions) -> Encoded | str:
+    """Read and encode one input; returns the payload, or the quarantine reason as a string."""
+    try:
+        if isinstance(opts, VideoOptions):
+            from data_prep.video import reencode_video
+
+            if not sample.path.is_file():
+                return "file not found"
+            return reencode_video(sample.path, sample.start, sample.end, opts)
+        try:
+            data = sample.path.read_bytes()
+        except OSError as exc:
+            return f"cannot read file: {exc.strerror or type(exc).__name__}"
+        return process_image(data, sample.path.name, opts)
+    except Quarantine as exc:
+        return str(exc)
 
 
-def _check_write_args(split: str, shard_size: int) -> None:
-    """Raise PrepError for a split name or shard size that cannot be used."""
-    if not _SPLIT_RE.match(split):
-        raise PrepError(f"invalid split name {split!r}: use letters, digits, '_' and '-' only")
-    if shard_size < 1:
-        raise PrepError(f"shard size must be at least 1, got {shard_size}")
+def sidecar_path(out: Path, split: str, index: int) -> Path:
+    """Path of a shard's sidecar manifest, e.g. ``<out>/train/train-000003.parquet``."""
+    return out / split / shard_name(split, index).replace(".tar", ".parquet")
+
+
+def read_sidecar_meta(path: Path) -> dict[str, Any] | None:
+    """Return the shard record stored in a sidecar's schema metadata, or None if absent/unreadable."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[_SHARD_META])
+    except (OSError, KeyError, ValueError, pa.ArrowInvalid):
+        return None
+
+
+def shard_is_done(task: ShardTask, out: Path) -> dict[str, Any] | None:
+    """Return the sidecar record if the shard is complete for the same inputs and options."""
+    record = read_sidecar_meta(sidecar_path(out, task.split, task.index))
+    if record is None or record.get("digest") != task.digest:
+        return None
+    tar = out / task.split / task.name
+    if record["num_samples"] and not (tar.is_file() and tar.with_suffix(".idx").is_file()
+                                      and tar.stat().st_size == record["bytes"]):
+        return None
+    return record
+
+
+def write_shard(task: ShardTask, out: Path, opts: ImageOptions | VideoOptions, threads: int = 1) -> ShardResult:
+    """Write one shard (tar, DALI index, sidecar manifest), or skip it when it is already complete.
+
+    The tar and index are committed first, the sidecar last; a kill at any point leaves either a
+    complete shard or one that the next run rewrites from scratch (temporary files are hidden
+    ``.<name>.*.tmp`` files, removed at the start of the next run).
+
+    Args:
+        task: The shard to write.
+        out: Output root.
+        opts: Image or video options.
+        threads: Threads that read and encode inputs ahead of the writer (output does not depend on it).
+
+    Returns:
+        What was written.
+    """
+    out = Path(out)
+    split_dir = out / task.split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    done = shard_is_done(task, out)
+    if done is not None:
+        return ShardResult(task.split, task.name, len(task.items), done["num_samples"], done["bytes"],
+                           [tuple(q) for q in done["quarantined"]], skipped=True)
+    for stale in split_dir.glob(f".{task.name[:-4]}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    tar_path = split_dir / task.name
+    rows: list[ManifestRow] = []
+    quarantined: list[tuple[str, str, str]] = []
+    writer: TarShardWriter | None = None
+    try:
+        # Videos are encoded one at a time per process (parallelism comes from the pool): it keeps
+        # memory per process at one clip and rules out any cross-talk between encoders in one process.
+        encoded = ordered_map(lambda s: encode_sample(s, opts), task.items,
+                              1 if isinstance(opts, VideoOptions) else threads)
+        for pos, (sample, enc) in enumerate(zip(task.items, encoded, strict=True)):
+            key = sample_key(task.split, task.first + pos)
+            if isinstance(enc, str):
+                quarantined.append((key, sample.source, enc))
+                continue
+            if writer is None:
+                writer = TarShardWriter(tar_path, tar_path.with_suffix(".idx"))
+            locs = writer.add_sample(key, _components(sample, enc))
+            media = locs[: len(enc.components)]
+            digest = hashlib.sha256()
+            for _, data in enc.components:
+                digest.update(data)
+            rows.append(ManifestRow(
+                key=key, shard=task.name, offset=media[0].offset, bytes=sum(loc.size for loc in media),
+                label=sample.label, class_id=sample.class_id, width=enc.width, height=enc.height,
+                fps=enc.fps, frames=enc.frames, duration=enc.duration, format=enc.format,
+                sha256=digest.hexdigest(), source=sample.source, note=enc.note,
+            ))
+        size = 0
+        if writer is not None:
+            writer.close()
+            size = tar_path.stat().st_size
+        else:
+            tar_path.unlink(missing_ok=True)
+            tar_path.with_suffix(".idx").unlink(missing_ok=True)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    record = {"digest": task.digest, "num_samples": len(rows), "bytes": size, "quarantined": quarantined}
+    write_table_atomic(rows_to_table(rows), sidecar_path(out, task.split, task.index),
+                       {_SHARD_META: json.dumps(record).encode()})
+    for key, source, reason in quarantined:
+        logger.warning("quarantined %s (%s): %s", source, key, reason)
+    return ShardResult(task.split, task.name, len(task.items), len(rows), size, quarantined)
+
+
+# ---------------------------------------------------------------- many shards
+
+
+class _Progress:
+    """A tqdm bar over inputs (when tqdm is installed and stderr is a terminal) plus periodic log lines."""
+
+    def __init__(self, total: int, num_shards: int, desc: str) -> None:
+        self.total, self.num_shards, self.done, self.shards = total, num_shards, 0, 0
+        self.start = self.last_log = time.monotonic()
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="file", dynamic_ncols=True, disable=None)
+        except ImportError:  # pragma: no cover - tqdm comes with the training stack
+            self.bar = None
+
+    def update(self, result: ShardResult) -> None:
+        self.done += result.num_inputs
+        self.shards += 1
+        if self.bar is not None:
+            self.bar.update(result.num_inputs)
+        now = time.monotonic()
+        if now - self.last_log >= 10 or self.shards == self.num_shards:
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            logger.info("%d/%d shards, %d/%d inputs, %.1f files/s, ETA %s", self.shards, self.num_shards,
+                        self.done, self.total, rate, time.strftime("%H:%M:%S", time.gmtime(min(eta, 86399))))
+            self.last_log = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_tasks(
+    tasks: Sequence[ShardTask], out: Path, opts: ImageOptions | VideoOptions, workers: int, threads: int,
+    on_result: Callable[[ShardResult], None],
+) -> None:
+    if workers <= 1:
+        for task in tasks:
+            on_result(write_shard(task, out, opts, threads))
+        return
+    # forkserver: workers fork from a clean server process that has already imported the encoders
+    # (no fork of this possibly multi-threaded process, no per-worker import cost as with spawn).
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload(["data_prep.shard", "data_prep.video", "av", "PIL.Image"])
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending = set()
+        queue = list(reversed(tasks))
+        while queue or pending:
+            while queue and len(pending) < 2 * workers:  # bounded: a task carries its whole input list
+                pending.add(pool.submit(write_shard, queue.pop(), out, opts, threads))
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                on_result(fut.result())
+
+
+def write_plan_record(plan: Plan, out: Path, settings: dict[str, Any]) -> None:
+    """Store ``_parts/plan.json`` (identical for every task of the same run)."""
+    parts = out / PARTS_DIR
+    parts.mkdir(parents=True, exist_ok=True)
+    record = {**plan.describe(), "settings": settings}
+    atomic_write_bytes(parts / PLAN_JSON, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+
+
+def run_plan(
+    plan: Plan,
+    out: Path,
+    opts: ImageOptions | VideoOptions,
+    *,
+    workers: int = 1,
+    threads: int = DEFAULT_WORKERS,
+    task_index: int = 0,
+    num_tasks: int = 1,
+    settings: dict[str, Any] | None = None,
+) -> list[ShardResult]:
+    """Write this task's range of the plan's shards; with one task, also merge.
+
+    Args:
+        plan: The run's plan (every task must build the same one).
+        out: Output root.
+        opts: Image or video options.
+        workers: Processes writing shards in parallel (1: in this process).
+        threads: Reader threads per process.
+        task_index: This task's index (Slurm: ``SLURM_ARRAY_TASK_ID``).
+        num_tasks: Number of tasks; each gets a disjoint, contiguous range of shards.
+        settings: Run settings stored for the merge (train layout, max failure rate).
+
+    Returns:
+        One result per shard of this task's range (``skipped`` for shards that were already complete).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DATASET_JSON).unlink(missing_ok=True)
+    write_plan_record(plan, out, settings or {})
+    shards = plan.shards()
+    span = task_range(len(shards), task_index, num_tasks)
+    mine = [shards[i] for i in span]
+    logger.info("task %d/%d: shards %d..%d of %d (%d inputs); %d process(es)", task_index, num_tasks,
+                span.start, span.stop - 1, len(shards), sum(len(t.items) for t in mine), workers)
+    results: list[ShardResult] = []
+    progress = _Progress(sum(len(t.items) for t in mine), len(mine), f"prep {task_index}/{num_tasks}")
+    try:
+        _run_tasks(mine, out, opts, workers, threads, lambda r: (results.append(r), progress.update(r)))
+    finally:
+        progress.close()
+    skipped = sum(r.skipped for r in results)
+    if skipped:
+        logger.info("resumed: %d of %d shards were already complete and kept", skipped, len(results))
+    return results
+
+
+# ---------------------------------------------------------------- merge
+
+
+def _reason_group(reason: str) -> str:
+    return reason.split(":", 1)[0]
 
 
 def _remove_stale(split_dir: Path, split: str, keep: set[str]) -> None:
-    """Delete shard/index files of ``split`` left from an earlier run that are not in ``keep``."""
-    pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.(tar|idx)$")
+    pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.(tar|idx|parquet)$")
     for path in sorted(split_dir.iterdir()):
         if pattern.match(path.name) and path.name not in keep:
             logger.info("removing stale shard file %s from an earlier run", path)
             path.unlink()
 
 
-class _SplitWriter:
-    """Spread samples over shards of ``shard_size`` and keep the manifest in step."""
+def merge(out: Path) -> dict[str, Any]:
+    """Check that every planned shard is complete, then write the manifests and ``dataset.json``.
 
-    def __init__(self, split_dir: Path, split: str, shard_size: int, manifest: ManifestWriter) -> None:
-        self.split_dir, self.split, self.shard_size = split_dir, split, shard_size
-        self.manifest = manifest
-        self.shards: list[ShardInfo] = []
-        self.num_samples = 0
-        self._writer: TarShardWriter | None = None
+    Args:
+        out: Output root written by one or more :func:`run_plan` tasks.
 
-    def add(self, item: Loaded) -> None:
-        """Append one loaded sample to the current shard, opening and closing shards as needed."""
-        sample, data, info = item.sample, item.data, item.info
-        if info is None:
-            raise ValueError(f"{sample.source}: cannot write a sample that failed to load ({item.error})")
-        if self._writer is None:
-            tar_path = self.split_dir / shard_name(self.split, len(self.shards))
-            self._writer = TarShardWriter(tar_path, tar_path.with_suffix(".idx"))
-        key = sample_key(self.split, self.num_samples)
-        loc = self._writer.add_sample(key, _components(sample, data, info))[0]
-        self.manifest.add(
-            ManifestRow(
-                key=key, shard=self._writer.tar_path.name, offset=loc.offset, bytes=loc.size,
-                label=sample.label, class_id=sample.class_id, width=info.width, height=info.height,
-                format=info.format, sha256=item.sha256, source=sample.source,
+    Returns:
+        The contents written to ``dataset.json``.
+
+    Raises:
+        PrepError: If the plan record is missing, a shard is missing or was written for other inputs,
+            or the quarantined fraction exceeds the run's ``max_failure_rate`` (the quarantine manifest
+            is written first, so it can be inspected).
+    """
+    out = Path(out)
+    plan_path = out / PARTS_DIR / PLAN_JSON
+    if not plan_path.is_file():
+        raise PrepError(f"{out}: no {PARTS_DIR}/{PLAN_JSON}; run a `vitpipe prep <source>` task first")
+    plan = json.loads(plan_path.read_text())
+    settings = plan.get("settings", {})
+    missing: list[str] = []
+    splits: dict[str, Any] = {}
+    tables: dict[str, pa.Table] = {}
+    quarantine: list[dict[str, Any]] = []
+    for split, sp in plan["splits"].items():
+        shards, parts = [], []
+        for index, digest in enumerate(sp["shards"]):
+            side = sidecar_path(out, split, index)
+            record = read_sidecar_meta(side)
+            if record is None or record.get("digest") != digest:
+                missing.append(shard_name(split, index))
+                continue
+            quarantine.extend({"split": split, "key": k, "source": s, "reason": r} for k, s, r in record["quarantined"])
+            if record["num_samples"]:
+                name = shard_name(split, index)
+                shards.append({"name": name, "num_samples": record["num_samples"],
+                               "index": name.replace(".tar", ".idx"), "bytes": record["bytes"]})
+                parts.append(pq.read_table(side).replace_schema_metadata(MANIFEST_SCHEMA.metadata))
+        quarantine.extend({"split": split, "key": None, "source": s, "reason": r} for s, r in sp["prequarantined"])
+        written = sum(s["num_samples"] for s in shards)
+        splits[split] = {"num_samples": written, "shards": shards, "manifest": f"{split}.parquet",
+                         "inputs": sp["inputs"], "quarantined": sp["inputs"] - written}
+        tables[split] = pa.concat_tables(parts) if parts else rows_to_table([])
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise PrepError(f"{out}: {len(missing)} planned shard(s) missing or incomplete: {shown}; "
+                        "re-run the prep task(s) that own them (finished shards are kept)")
+    inputs = sum(s["inputs"] for s in splits.values())
+    written = sum(s["num_samples"] for s in splits.values())
+    if written + len(quarantine) != inputs:  # every input is either written or quarantined
+        raise PrepError(f"{out}: counts do not reconcile: {inputs} inputs != {written} written + {len(quarantine)}")
+    (out / DATASET_JSON).unlink(missing_ok=True)
+    write_table_atomic(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), out / "quarantine.parquet")
+    for split, sp in splits.items():
+        write_table_atomic(tables[split], out / sp["manifest"])
+        keep = {n for s in sp["shards"] for n in (s["name"], s["index"])}
+        keep |= {shard_name(split, i).replace(".tar", ".parquet") for i in range(len(plan["splits"][split]["shards"]))}
+        _remove_stale(out / split, split, keep)
+    rate = len(quarantine) / max(inputs, 1)
+    max_rate = float(settings.get("max_failure_rate", 0.01))
+    logger.info("inputs %d = written %d + quarantined %d (%.3f%%)", inputs, written, len(quarantine), 100 * rate)
+    if rate > max_rate or written == 0:
+        raise PrepError(f"{out}: {len(quarantine)} of {inputs} inputs quarantined ({100 * rate:.2f}% > "
+                        f"--max-failure-rate {100 * max_rate:g}%); see {out / 'quarantine.parquet'}")
+    info = _dataset_info(plan, splits, quarantine, settings, inputs, written)
+    atomic_write_bytes(out / DATASET_JSON, (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode())
+    return info
+
+
+def _dataset_info(plan: dict[str, Any], splits: dict[str, Any], quarantine: list[dict[str, Any]],
+                  settings: dict[str, Any], inputs: int, written: int) -> dict[str, Any]:
+    warnings = []
+    layout = settings.get("train_layout")
+    train = splits.get("train")
+    if layout and train is not None:
+        need = layout["nodes"] * layout["gpus_per_node"] * layout["loader_workers"]
+        if len(train["shards"]) < need:
+            warnings.append(
+                f"train has {len(train['shards'])} shards, fewer than nodes x GPUs x loader workers = "
+                f"{layout['nodes']} x {layout['gpus_per_node']} x {layout['loader_workers']} = {need}: "
+                "some loader workers would get no shard; lower --shard-size"
             )
-        )
-        self.num_samples += 1
-        if self._writer.num_samples >= self.shard_size:
-            self.finish_shard()
+    for w in warnings:
+        logger.warning("%s", w)
+    info: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "kind": plan["kind"],
+        "classes": plan["classes"],
+        "num_classes": len(plan["classes"]),
+        "splits": splits,
+        "counts": {"inputs": inputs, "written": written, "quarantined": len(quarantine)},
+        "quarantine": {"manifest": "quarantine.parquet", "num_samples": len(quarantine),
+                       "reasons": dict(sorted(Counter(_reason_group(q["reason"]) for q in quarantine).items()))},
+        "options": {"shard_size": plan["shard_size"], **plan["options"]},
+        "settings": settings,
+        "warnings": warnings,
+    }
+    if plan.get("class_names"):
+        info["class_names"] = plan["class_names"]
+    return info
 
-    def finish_shard(self) -> None:
-        """Commit the open shard (if any) and flush its manifest rows as one row group."""
-        if self._writer is None:
-            return
-        writer, self._writer = self._writer, None
-        writer.close()
-        self.manifest.flush()
-        index_name = writer.tar_path.with_suffix(".idx").name
-        self.shards.append(ShardInfo(writer.tar_path.name, writer.num_samples, index_name))
-        logger.info("wrote %s (%d samples)", writer.tar_path, writer.num_samples)
 
-    def abort(self) -> None:
-        """Discard the open shard."""
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
+# ---------------------------------------------------------------- image folders (library API)
 
 
 def write_split(
@@ -203,94 +466,30 @@ def write_split(
     seed: int,
     shuffle: bool | None = None,
     workers: int = DEFAULT_WORKERS,
-) -> SplitSummary:
-    """Write one split as WebDataset shards with DALI indexes and a parquet manifest.
-
-    Ordering: samples are first sorted by (label, source path). The ``"train"`` split is then globally
-    shuffled with ``numpy.random.default_rng(seed)``, so every shard mixes classes and the output only
-    depends on the file set and the seed. Other splits keep the sorted order unless ``shuffle=True``.
-    Keys are ``f"{split}_{i:08d}"`` with ``i`` counting written samples in output order.
-
-    Files that cannot be read or that PIL cannot identify as JPEG/PNG are skipped, logged as a warning
-    and listed in ``SplitSummary.skipped``; they do not consume a key.
-
-    Shards go to ``out_dir/<split>/<split>-NNNNNN.tar`` (+ ``.idx``), the manifest to
-    ``out_dir/<split>.parquet``. Every file is written atomically. Shard files of the same split left
-    over from an earlier run with more shards are deleted.
+) -> dict[str, Any]:
+    """Write one image split (shards, indexes, sidecars, ``<split>.parquet``) without ``dataset.json``.
 
     Args:
-        samples: Samples of the split (e.g. from :func:`data_prep.scan.scan_imagefolder`).
-        classes: Class list the labels index into (used for a consistency check).
+        samples: Samples of the split.
+        classes: Class list the labels index into.
         out_dir: Output root.
-        split: Split name (letters, digits, ``_``, ``-``).
-        shard_size: Maximum samples per shard (at least 1).
+        split: Split name.
+        shard_size: Planned inputs per shard.
         seed: Shuffle seed.
         shuffle: Whether to shuffle; None means "only for train".
-        workers: Threads that read and hash source files ahead of the writer (output order and
-            bytes do not depend on it; 1 reads in the calling thread).
+        workers: Reader threads.
 
     Returns:
-        The split summary.
-
-    Raises:
-        PrepError: On an invalid split name, shard size or label, or when no sample could be written.
+        The split's ``dataset.json`` entry.
     """
-    _check_write_args(split, shard_size)
-    bad = next((s for s in samples if not _label_ok(s, classes)), None)
-    if bad is not None:
-        raise PrepError(f"{bad.source}: label {bad.label} does not match class {bad.class_id!r}")
+    check_split_name(split)
     shuffle = split == "train" if shuffle is None else shuffle
-    split_dir = Path(out_dir) / split
-    split_dir.mkdir(parents=True, exist_ok=True)
-    skipped: list[SkippedSample] = []
-    with ManifestWriter(Path(out_dir) / f"{split}.parquet") as manifest:
-        writer = _SplitWriter(split_dir, split, shard_size, manifest)
-        try:
-            for item in ordered_map(load_sample, order_samples(samples, seed, shuffle), workers):
-                if item.error is not None:
-                    logger.warning("skipping %s: %s", item.sample.source, item.error)
-                    skipped.append(SkippedSample(split, item.sample.source, item.error))
-                    continue
-                writer.add(item)
-            writer.finish_shard()
-        except BaseException:
-            writer.abort()
-            raise
-        if writer.num_samples == 0:
-            raise PrepError(f"split {split!r}: none of {len(samples)} files could be read as an image")
-    _remove_stale(split_dir, split, {n for s in writer.shards for n in (s.name, s.index)})
-    logger.info(
-        "split %s: %d samples in %d shards, %d skipped%s",
-        split, writer.num_samples, len(writer.shards), len(skipped), " (shuffled)" if shuffle else "",
-    )
-    return SplitSummary(split, writer.num_samples, writer.shards, f"{split}.parquet", skipped, shuffle)
-
-
-def _split_entry(summary: SplitSummary) -> dict[str, Any]:
-    """Return the ``dataset.json`` entry of one split."""
-    return {
-        "num_samples": summary.num_samples,
-        "shards": [asdict(s) for s in summary.shards],
-        "manifest": summary.manifest,
-    }
-
-
-def _scan_splits(src: Path, splits: Sequence[str]) -> tuple[list[str], dict[str, list[Sample]]]:
-    """Scan every requested split that exists; the class list comes from train."""
-    if "train" not in splits:
-        raise PrepError(f"splits {list(splits)} must include 'train' (it defines the class list)")
-    if not src.is_dir():
-        raise PrepError(f"{src}: no such directory (expected {src}/train/<class-id>/*.JPEG)")
-    classes, train = scan_imagefolder(src / "train", root=src)
-    found = {"train": train}
-    for split in splits:
-        if split == "train":
-            continue
-        if not (src / split).is_dir():
-            logger.info("%s: no %r split, skipping it", src, split)
-            continue
-        found[split] = scan_imagefolder(src / split, classes=classes, root=src)[1]
-    return classes, found
+    plan = Plan("image", list(classes), {split: order_samples(samples, seed, shuffle)}, shard_size,
+                {"seed": seed, "shuffle": shuffle})
+    run_plan(plan, out_dir, ImageOptions(), threads=workers, settings={"max_failure_rate": 1.0})
+    info = merge(out_dir)
+    (Path(out_dir) / DATASET_JSON).unlink()
+    return info["splits"][split]
 
 
 def prep_imagefolder(
@@ -300,50 +499,30 @@ def prep_imagefolder(
     seed: int = 0,
     splits: Sequence[str] = ("train", "val"),
     workers: int = DEFAULT_WORKERS,
+    processes: int = 1,
+    max_failure_rate: float = 0.01,
 ) -> dict[str, Any]:
-    """Convert an ImageNet-style tree into a vitpipe dataset (shards, indexes, manifests, dataset.json).
-
-    ``src/train/<class_id>/*`` is required and defines the classes (sorted folder names); other splits
-    (``val`` by default) are optional and may only use train classes. All splits are scanned before
-    anything is written, so layout errors surface at once. ``out/dataset.json`` is removed at the
-    start and written atomically at the end: its presence marks a complete dataset.
+    """Convert an ImageNet-style tree into a vitpipe dataset (single task: write + merge).
 
     Args:
-        src: Source root holding ``train/`` (and optionally ``val/``).
-        out: Output root (created if missing).
-        shard_size: Maximum samples per shard.
+        src: Source root holding ``train/<class>/*`` (and optionally ``val/<class>/*``).
+        out: Output root.
+        shard_size: Planned inputs per shard.
         seed: Seed of the train shuffle.
         splits: Splits to convert; must include ``"train"``.
-        workers: Reader threads per split (see :func:`write_split`); does not change the output.
+        workers: Reader threads per process.
+        processes: Processes writing shards.
+        max_failure_rate: Largest quarantined fraction that still succeeds.
 
     Returns:
         The contents written to ``dataset.json``.
-
-    Raises:
-        PrepError: If the source layout is invalid (missing/empty train, val class not in train, ...).
     """
-    src, out = Path(src), Path(out)
-    _check_write_args("train", shard_size)
-    classes, found = _scan_splits(src, splits)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DATASET_JSON).unlink(missing_ok=True)
-    summaries = [
-        write_split(found[name], classes, out, name, shard_size, seed, workers=workers)
-        for name in splits
-        if name in found
-    ]
-    info: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "kind": "image",
-        "classes": list(classes),
-        "num_classes": len(classes),
-        "splits": {s.split: _split_entry(s) for s in summaries},
-        "skipped": [asdict(k) for s in summaries for k in s.skipped],
-        "options": {"shard_size": shard_size, "seed": seed},
-    }
-    text = json.dumps(info, indent=2, ensure_ascii=False) + "\n"
-    atomic_write_bytes(out / DATASET_JSON, text.encode("utf-8"))
-    return info
+    from data_prep.imagenet import build_image_plan
+
+    plan = build_image_plan(Path(src), splits=splits, shard_size=shard_size, seed=seed, opts=ImageOptions())
+    run_plan(plan, out, ImageOptions(), workers=processes, threads=workers,
+             settings={"max_failure_rate": max_failure_rate})
+    return merge(out)
 
 
 def load_dataset_info(path: Path) -> dict[str, Any]:
@@ -368,7 +547,7 @@ def load_dataset_info(path: Path) -> dict[str, Any]:
         info = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise PrepError(f"{json_path}: cannot read dataset description: {exc}") from exc
-    if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
+    if not isinstance(info, dict) or info.get("format_version") not in READABLE_VERSIONS:
         version = info.get("format_version") if isinstance(info, dict) else None
-        raise PrepError(f"{json_path}: unsupported format_version {version!r} (expected {FORMAT_VERSION})")
+        raise PrepError(f"{json_path}: unsupported format_version {version!r} (expected one of {READABLE_VERSIONS})")
     return info
