@@ -6,6 +6,7 @@ accelerate or MLflow: distributed wrapping happens in :mod:`pipeline`.
 """
 
 from model import vit_tiny  # noqa: F401  (registration side effect)
+from model import zoo as zoo  # noqa: F401  (registers FilterViT, DropoutViT, Swin and DeiT baselines; issue 4)
 from model.registry import is_model, list_models, register_model
 
 __all__ = ["create_model", "is_model", "list_models", "register_model"]

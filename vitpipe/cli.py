@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from data_prep.cli import add_prep_parser
     from vitpipe import commands
+    from vitpipe.viz import add_viz_parser
 
     commands.add_demo_parser(sub, _formatter)
     add_prep_parser(sub)
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_export_parser(sub, _formatter)
     commands.add_config_parser(sub, _formatter, _OVERRIDES_HELP)
     commands.add_models_parser(sub, _formatter)
+    add_viz_parser(sub, _formatter)
     commands.add_ui_parser(sub, _formatter)
     return parser
 
