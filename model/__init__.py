@@ -5,6 +5,7 @@ Importing this package registers every vitpipe variant so that ``timm.create_mod
 accelerate or MLflow: distributed wrapping happens in :mod:`pipeline`.
 """
 
+from model import structvit as structvit  # noqa: F401  (registration side effect; issue 3)
 from model import vit_tiny  # noqa: F401  (registration side effect)
 from model import zoo as zoo  # noqa: F401  (registers FilterViT, DropoutViT, Swin and DeiT baselines; issue 4)
 from model.registry import is_model, list_models, register_model

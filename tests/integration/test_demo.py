@@ -33,7 +33,7 @@ def _summary(stdout: str) -> Path:
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One quick demo in a single process; returns (runs dir, run dir)."""
     runs = tmp_path_factory.mktemp("runs")
-    proc = run_cli("demo", "--quick", "--out", str(runs))
+    proc = run_cli("demo", "--quick", "--out", str(runs), "--tracking.system_metrics_s=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs, _summary(proc.stdout)
 
@@ -63,6 +63,8 @@ def test_demo_learns_and_leaves_one_tracked_run(demo_run: tuple[Path, Path]) -> 
     assert {"config.toml", "summary.json", "checkpoint", "logs"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/model.safetensors"]
     assert (run_dir / "log.rank0.txt").read_text().count("val/top1") >= 2
+    assert any(key.startswith("system/cpu") for key in run.data.metrics)  # MLflow's system metrics
+    assert run.data.tags["vitpipe.git_sha"] not in ("", "unknown")
 
 
 def test_resolved_config_and_weights_reproduce_the_result(demo_run: tuple[Path, Path]) -> None:
