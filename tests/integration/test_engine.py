@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from safetensors.torch import load_file
 import model  # noqa: F401  (registers vitpipe's models with timm)
 from pipeline.config import EngineCfg
 from pipeline.engine import deepspeed_config
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +74,16 @@ def test_deepspeed_config_follows_the_run_config() -> None:
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0
     assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_runs_under_the_deepspeed_launcher(digits_shards: Path, tmp_path: Path) -> None:
+    """`deepspeed --num_gpus 2 pipeline/train.py …` (on CPU it starts 2 local processes, adds --local_rank)."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", "pipeline/train.py", RECIPE,
+                           f"--data.path={digits_shards}", f"--run.output_dir={tmp_path}", "--run.name=ds",
+                           "--engine.backend=deepspeed", "--engine.zero_stage=2", "--schedule.max_steps=4",
+                           "--data.num_workers=1", "--tracking.enabled=false"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ds" / "summary.json").read_text())
+    assert summary["status"] == "FINISHED" and summary["world_size"] == 2 and summary["steps"] == 4
