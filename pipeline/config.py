@@ -245,10 +245,14 @@ class TrackingCfg:
     """Log training metrics every N optimizer steps."""
     system_metrics_s: float = 10.0
     """Sampling interval of MLflow's system metrics (CPU, memory, disk, network, GPU); 0 turns them off."""
+    pictures: int = 2
+    """Validation images drawn with the model's own visualisation (StructViT attention, FilterViT masks)
+    at every evaluation and logged as artifacts; 0 turns it off. Models without pictures log none."""
 
     def __post_init__(self) -> None:
         _check(self.log_every_steps >= 1, "tracking.log_every_steps", self.log_every_steps, ">= 1")
         _check(self.system_metrics_s >= 0, "tracking.system_metrics_s", self.system_metrics_s, ">= 0")
+        _check(self.pictures >= 0, "tracking.pictures", self.pictures, ">= 0")
 
 
 @dataclass(kw_only=True)

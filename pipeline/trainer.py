@@ -24,6 +24,7 @@ from timm.utils import ModelEmaV3
 from model.factory import count_params, create_model
 from model.flops import count_flops
 from model.registry import is_model
+from model.visualize import has_pictures, render_pictures
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, JobCfg
 from pipeline.config_io import dump_toml, flatten
@@ -289,7 +290,25 @@ class Trainer:
             results[prefix] = evaluate(net, self.eval_loader, self.device, dtype, input_dtype=self.input_dtype)
             logged.update({f"{prefix}/{k}": results[prefix][k] for k in ("top1", "top5", "loss")})
         self.metrics.log(logged, self.step)
+        self.log_pictures()
         return results["val"]
+
+    def log_pictures(self) -> None:
+        """Draws the first ``tracking.pictures`` validation images with the model's visualisation (rank 0)."""
+        n, net = self.cfg.tracking.pictures, self.acc.unwrap_model(self.model)
+        zero3 = self.cfg.engine.backend == "deepspeed" and self.cfg.engine.zero_stage == 3
+        if not n or zero3 or not self.acc.is_main_process or not has_pictures(net):
+            return  # ZeRO-3: a forward on one rank alone would wait for the others' weight shards
+        batch = next(iter(self.eval_loader), None)
+        if batch is None:  # this rank's share of the validation split is empty
+            return
+        images = batch[0][:n].to(self.device, self.input_dtype)
+        folder = self.run_dir / "pictures"
+        folder.mkdir(exist_ok=True)
+        for i, picture in enumerate(render_pictures(net, images, self.cfg.data.mean, self.cfg.data.std)):
+            path = folder / f"step{self.step:08d}_{i}.png"
+            picture.save(path)
+            self.metrics.log_artifact(path, "pictures")
 
     # ------------------------------------------------------------ persistence
     def trainer_state(self) -> dict[str, Any]:
