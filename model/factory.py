@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -44,18 +45,10 @@ def create_model(
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise UnknownModelError(f"unknown model {name!r}; similar registered names: {', '.join(close) or 'none'}")
     kwargs = {k: v for k, v in overrides.items() if v is not None}
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         net = timm.create_model(name, pretrained=False, checkpoint_path=checkpoint_path or "", **kwargs)
     logger.debug("built %s with %s", name, kwargs)
     return net
-
-
-class _nullcontext:  # noqa: N801 - mirrors contextlib.nullcontext, typed for the with-statement above
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def count_params(net: torch.nn.Module) -> int:
