@@ -87,6 +87,33 @@ class DataCfg:
     """Per-channel normalisation mean (0-1 scale)."""
     std: tuple[float, float, float] = IMAGENET_STD
     """Per-channel normalisation standard deviation (0-1 scale)."""
+    backend: Literal["wds", "dali"] = "wds"
+    """Input pipeline: ``wds`` (webdataset + PIL in DataLoader workers) or ``dali`` (NVIDIA DALI)."""
+    dali_device: Literal["auto", "gpu", "cpu"] = "auto"
+    """DALI decoding device: ``gpu`` (nvJPEG / hardware decoder, ``mixed`` backend), ``cpu``, or ``auto``
+    (the GPU when CUDA is available)."""
+    dali_threads: int = 4
+    """DALI CPU worker threads per training process."""
+    dali_hw_decoder_load: float = 0.65
+    """Share of JPEG decoding given to the A100/H100 hardware decoder (DALI ``hw_decoder_load``)."""
+    persistent_workers: bool = True
+    """Keep ``wds`` loader workers alive across epochs (no worker start-up at every epoch)."""
+    resample_shards: bool = False
+    """Allow fewer shards than ranks × workers by repeating shards within an epoch (otherwise an error)."""
+    randaugment: str = ""
+    """timm RandAugment string, e.g. ``rand-m9-mstd0.5-inc1``; empty = off."""
+    color_jitter: float = 0.0
+    """Brightness/contrast/saturation jitter strength; applied only when RandAugment is off (timm's rule)."""
+    reprob: float = 0.0
+    """Random-erasing probability per sample (timm ``--reprob``; on the device, after normalisation)."""
+    mixup: float = 0.0
+    """Mixup Beta(α, α) parameter; 0 = off (DeiT/Swin recipes: 0.8)."""
+    cutmix: float = 0.0
+    """CutMix Beta(α, α) parameter; 0 = off (DeiT/Swin recipes: 1.0)."""
+    mixup_prob: float = 1.0
+    """Probability of mixing a batch at all when mixup or cutmix is on."""
+    mixup_switch_prob: float = 0.5
+    """Probability of CutMix rather than mixup when both are on."""
 
     def __post_init__(self) -> None:
         _check(self.img_size >= 8, "data.img_size", self.img_size, ">= 8")
@@ -100,6 +127,15 @@ class DataCfg:
         _check(0.0 <= self.hflip <= 1.0, "data.hflip", self.hflip, "in [0, 1]")
         _check(0.0 < self.eval_crop_pct <= 1.0, "data.eval_crop_pct", self.eval_crop_pct, "in (0, 1]")
         _check(all(s > 0 for s in self.std), "data.std", self.std, "positive")
+        _check(self.dali_threads >= 1, "data.dali_threads", self.dali_threads, ">= 1")
+        _check(0.0 <= self.dali_hw_decoder_load <= 1.0, "data.dali_hw_decoder_load", self.dali_hw_decoder_load,
+               "in [0, 1]")
+        _check(not self.randaugment or self.randaugment.startswith("rand-"), "data.randaugment", self.randaugment,
+               "empty or a timm RandAugment string such as 'rand-m9-mstd0.5-inc1'")
+        for key in ("color_jitter", "mixup", "cutmix"):
+            _check(getattr(self, key) >= 0.0, f"data.{key}", getattr(self, key), ">= 0")
+        for key in ("reprob", "mixup_prob", "mixup_switch_prob"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"data.{key}", getattr(self, key), "in [0, 1]")
 
 
 @dataclass(kw_only=True)

@@ -12,6 +12,10 @@ Epoch contract (training):
 * Each sample's augmentation draws from its own seed, derived from ``(seed, epoch, rank, worker,
   position in the worker's stream)``; nothing depends on process-global random state.
 
+Workers persist across epochs (``persistent_workers``): the epoch and resume position live in
+shared memory that every worker reads when the DataLoader restarts its iteration, so an epoch
+boundary costs no process start-up.
+
 Resume: ``set_epoch(epoch, skip_batches=k)`` yields exactly the batches ``k, k+1, ...`` that an
 uninterrupted epoch would have yielded, bit for bit. Workers drop their share of the first ``k``
 batches right after the shuffle buffer, before decoding (batch ``j`` of an epoch comes from worker
@@ -24,8 +28,10 @@ Evaluation reads every sample exactly once: ranks and workers split the shards i
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import logging
+import multiprocessing
 import random
 import zlib
 from collections.abc import Callable, Iterator
@@ -36,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.shard import load_dataset_info
@@ -81,35 +88,60 @@ def epoch_shard_order(shards: list[Shard], seed: int, epoch: int) -> list[Shard]
     return [shards[i] for i in rng.permutation(len(shards))]
 
 
-def _decode_sample(sample: dict[str, Any]) -> tuple[Any, int]:
-    image = sample.get("jpg", sample.get("png"))
-    if image is None:
-        raise KeyError(f"sample {sample.get('__key__')} has no jpg/png component")
-    return image.convert("RGB"), int(sample["cls"])
+SampleFn = Callable[[dict[str, Any]], torch.Tensor]
+"""Turns one raw sample (``{"__key__", "jpg" | "mp4" | ..., "cls", "json"}``, bytes) into its input tensor."""
+
+
+def image_sample_fn(transform: Callable[[Any], torch.Tensor]) -> SampleFn:
+    """Decodes a sample's ``jpg``/``png`` component with PIL and applies ``transform`` to the RGB image."""
+    def apply(sample: dict[str, Any]) -> torch.Tensor:
+        data = sample.get("jpg", sample.get("png"))
+        if data is None:
+            raise KeyError(f"sample {sample.get('__key__')} has no jpg/png component")
+        with Image.open(io.BytesIO(data)) as image:
+            return transform(image.convert("RGB"))
+    return apply
 
 
 class ShardStream(IterableDataset):
-    """Decoded, transformed ``(image, label)`` samples of one rank, split over loader workers."""
+    """Decoded, transformed ``(input, label)`` samples of one rank, split over loader workers."""
 
     def __init__(
         self,
         shards: list[Shard],
-        transform: Callable[[Any], torch.Tensor],
+        transform: SampleFn,
         *,
         rank: int,
         world_size: int,
         seed: int,
         train: bool,
         shuffle_buffer: int = 1000,
+        resample: bool = False,
     ) -> None:
-        self.shards, self.transform = shards, transform
+        self.shards, self.transform, self.resample = shards, transform, resample
         self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
         self.shuffle_buffer = shuffle_buffer
-        self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
+        self._state = multiprocessing.RawArray("q", 3)  # epoch, skip_batches, batch_size; shared with workers
+        self.set_epoch(0)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    @property
+    def skip_batches(self) -> int:
+        return int(self._state[1])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self._state[2])
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
-        """Selects the epoch of the next iteration and how many of its batches were already consumed."""
-        self.epoch, self.skip_batches, self.batch_size = epoch, skip_batches, batch_size
+        """Selects the epoch of the next iteration and how many of its batches were already consumed.
+
+        Persistent workers read these values when the next iteration starts.
+        """
+        self._state[0], self._state[1], self._state[2] = epoch, skip_batches, batch_size
 
     def _worker(self) -> tuple[int, int]:
         """Returns (logical worker id, number of workers).
@@ -124,7 +156,13 @@ class ShardStream(IterableDataset):
 
     def _my_shards(self, epoch: int) -> list[Shard]:
         worker, num_workers = self._worker()
-        order = epoch_shard_order(self.shards, self.seed, epoch) if self.train else self.shards
+        if not self.train:
+            return self.shards[self.rank :: self.world_size][worker::num_workers]
+        order = epoch_shard_order(self.shards, self.seed, epoch)
+        lap = 1
+        while self.resample and len(order) < self.world_size * num_workers:  # too few shards: repeat them
+            order += epoch_shard_order(self.shards, self.seed + 7919 * lap, epoch)
+            lap += 1
         return order[self.rank :: self.world_size][worker::num_workers]
 
     def _urls(self) -> Iterator[str]:
@@ -142,7 +180,7 @@ class ShardStream(IterableDataset):
             rng = random.Random(_seed_of(self.seed, self.epoch, self.rank, worker))
             stages += [wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), rng=rng),
                        self._number_and_skip]
-        stages += [wds.decode("pil", handler=wds.warn_and_continue), wds.map(self._transform)]
+        stages.append(wds.map(self._transform, handler=_skip_and_count))
         yield from wds.DataPipeline(*stages)
 
     def _number_and_skip(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -156,9 +194,15 @@ class ShardStream(IterableDataset):
                 yield sample
 
     def _transform(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        image, label = _decode_sample(sample)
+        label = int(sample["cls"])
         with _seeded(sample.get("__seed__")):
-            return self.transform(image), label
+            return self.transform(sample), label
+
+
+def _skip_and_count(exn: Exception) -> bool:
+    """Skips a sample that cannot be decoded, with a warning that names it (the stream goes on)."""
+    logger.warning("skipped an undecodable sample: %s", exn)
+    return True
 
 
 def _seed_of(*parts: int) -> int:
@@ -201,14 +245,45 @@ class TrainLoader:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for images, labels in itertools.islice(self.loader, self.steps_per_epoch - self.skip):
-            yield {"image": images, "label": labels}
+        for inputs, labels in itertools.islice(self.loader, self.steps_per_epoch - self.skip):
+            yield {"input": inputs, "label": labels}
+
+
+@dataclass
+class EvalLoader:
+    """A rank's evaluation batches as ``{"input", "label"}`` dicts (every sample once over all ranks)."""
+
+    loader: DataLoader
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for inputs, labels in self.loader:
+            yield {"input": inputs, "label": labels}
+
+
+def check_shards(shards: list[Shard], split: str, world_size: int, num_workers: int, resample: bool) -> None:
+    """Refuses a split with fewer shards than ranks × workers (some worker would get none) unless resampling."""
+    workers = max(num_workers, 1)
+    if len(shards) < world_size * workers and not resample:
+        raise LoaderError(
+            f"{split} has {len(shards)} shards but {world_size} ranks × {workers} workers need at least "
+            f"{world_size * workers}: re-shard with a smaller --shard-size, lower data.num_workers, or set "
+            "data.resample_shards = true (shards are then drawn with repetition within an epoch)")
+
+
+def steps_per_epoch(shards: list[Shard], split: str, world_size: int, batch_size: int) -> int:
+    """``samples // (ranks × batch)``: the same number of batches on every rank."""
+    total = sum(s.num_samples for s in shards)
+    steps = total // (world_size * batch_size)
+    if steps == 0:
+        raise LoaderError(f"{split} has {total} samples, fewer than one global batch of "
+                          f"{world_size} × {batch_size}: lower data.batch_size")
+    return steps
 
 
 def build_train_loader(
     dataset_dir: str | Path,
     split: str,
-    transform: Callable[[Any], torch.Tensor],
+    transform: SampleFn,
     *,
     batch_size: int,
     num_workers: int,
@@ -216,56 +291,55 @@ def build_train_loader(
     world_size: int,
     seed: int,
     shuffle_buffer: int,
+    persistent_workers: bool = True,
+    resample: bool = False,
 ) -> TrainLoader:
     """Builds the training loader of one rank.
 
+    Args:
+        transform: Raw sample → input tensor (:func:`image_sample_fn` or a video sample function).
+        resample: Allow fewer shards than ranks × workers by repeating shards within an epoch.
+
     Returns:
-        A loader yielding ``{"image": B×3×H×W float32, "label": B int64}`` for ``steps_per_epoch``
-        batches per epoch, the same count on every rank.
+        A loader yielding ``{"input": B×3×H×W (or B×3×T×H×W) uint8, "label": B int64}`` for
+        ``steps_per_epoch`` batches per epoch, the same count on every rank.
 
     Raises:
-        LoaderError: If there are fewer shards than ranks × workers or fewer samples than one global batch.
+        LoaderError: If there are fewer shards than ranks × workers (and no resampling) or fewer
+            samples than one global batch.
     """
     shards, _ = read_split(dataset_dir, split)
-    workers = max(num_workers, 1)
-    if len(shards) < world_size * workers:
-        raise LoaderError(
-            f"{split} has {len(shards)} shards but {world_size} ranks × {workers} workers need at least "
-            f"{world_size * workers}: re-shard with a smaller --shard-size or lower data.num_workers")
-    total = sum(s.num_samples for s in shards)
-    steps = total // (world_size * batch_size)
-    if steps == 0:
-        raise LoaderError(f"{split} has {total} samples, fewer than one global batch of "
-                          f"{world_size} × {batch_size}: lower data.batch_size")
+    check_shards(shards, split, world_size, num_workers, resample)
+    steps = steps_per_epoch(shards, split, world_size, batch_size)
     stream = ShardStream(shards, transform, rank=rank, world_size=world_size, seed=seed, train=True,
-                         shuffle_buffer=shuffle_buffer)
+                         shuffle_buffer=shuffle_buffer, resample=resample)
     # Its own generator: creating an iterator then never draws from the training process's RNG.
     loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, drop_last=True,
-                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                        generator=torch.Generator().manual_seed(seed))
-    logger.info("train loader: %d samples in %d shards, %d steps/epoch per rank", total, len(shards), steps)
+                        persistent_workers=persistent_workers and num_workers > 0,
+                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
+    logger.info("train loader: %d shards, %d steps/epoch per rank, %d workers", len(shards), steps, num_workers)
     return TrainLoader(stream, loader, steps)
 
 
 def build_eval_loader(
     dataset_dir: str | Path,
     split: str,
-    transform: Callable[[Any], torch.Tensor],
+    transform: SampleFn,
     *,
     batch_size: int,
     num_workers: int,
     rank: int,
     world_size: int,
-) -> DataLoader:
+) -> EvalLoader:
     """Builds an evaluation loader: this rank's share of the split, every sample exactly once overall.
 
     Returns:
-        A DataLoader of ``(B×3×H×W float32, B int64)`` tuples; the last batch may be smaller and a
-        rank may get no batch at all when the split has fewer shards than ranks.
+        Batches of ``{"input": B×3×H×W uint8 (video: B×V×3×T×H×W), "label": B int64}``; the last batch
+        may be smaller and a rank may get no batch at all when the split has fewer shards than ranks.
     """
     shards, _ = read_split(dataset_dir, split)
     mine = shards[rank::world_size]
     workers = min(num_workers, len(mine))
     stream = ShardStream(shards, transform, rank=rank, world_size=world_size, seed=0, train=False)
-    return DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=False,
-                      generator=torch.Generator().manual_seed(0))
+    return EvalLoader(DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=False,
+                                 pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0)))

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from pipeline.dist import all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate(net: torch.nn.Module, loader: DataLoader, device: torch.device,
+def evaluate(net: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]], device: torch.device,
              autocast_dtype: torch.dtype | None = None, input_dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Evaluates ``net`` on this rank's share of a split and reduces the counts over ranks.
 
     Args:
         net: The (unwrapped) model; it is put in eval mode and back.
-        loader: Batches of ``(B×3×H×W images, B labels)``.
+        loader: Batch-contract dicts: ``input`` (B×3×H×W images, B×3×T×H×W clips, or B×V×3×T×H×W
+            multi-view clips whose V views' softmax scores are averaged) and ``label`` (B).
         device: Where the model lives.
         autocast_dtype: bf16 for mixed-precision evaluation, None for fp32.
         input_dtype: dtype the inputs are cast to (bf16 for DeepSpeed's bf16 mode).
@@ -27,11 +29,13 @@ def evaluate(net: torch.nn.Module, loader: DataLoader, device: torch.device,
     was_training = net.training
     net.eval()
     correct1 = correct5 = loss_sum = count = 0.0
-    for images, labels in loader:
-        images, labels = images.to(device, input_dtype, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in loader:
+        inputs, labels = batch["input"].to(device, input_dtype), batch["label"].to(device)
+        views = inputs.shape[1] if inputs.dim() == 6 else 0
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = net(images)  # B×classes
-        logits = logits.float()
+            logits = net(inputs.flatten(0, 1) if views else inputs).float()  # (B·V)×classes
+        if views:  # average the views' probabilities; the loss is taken on their log
+            logits = logits.softmax(-1).view(labels.numel(), views, -1).mean(1).log()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices  # B×5
         hits = topk.eq(labels[:, None])

@@ -28,7 +28,8 @@ from model.visualize import has_pictures, render_pictures
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, JobCfg
 from pipeline.config_io import dump_toml, flatten
-from pipeline.data_wds import build_eval_loader, build_train_loader, read_split
+from pipeline.data import build_loaders
+from pipeline.data_wds import read_split
 from pipeline.dist import all_reduce_sum, broadcast_object
 from pipeline.engine import build_accelerator, deepspeed_config, input_dtype
 from pipeline.evaluate import evaluate
@@ -37,7 +38,6 @@ from pipeline.log import setup_logging
 from pipeline.metrics import ConsoleLogger, LoggerContainer, MlflowLogger, NullLogger, default_tracking_uri
 from pipeline.optim import build_optimizer, build_scheduler, peak_lr
 from pipeline.preempt import EXIT_PREEMPTED, Preempted, Preemption
-from pipeline.transforms import eval_transform, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +122,10 @@ class Trainer:
 
     def build_data(self) -> None:
         """Builds this rank's training and evaluation loaders."""
-        d = self.cfg.data
-        _, self.classes = read_split(d.path, d.train_split)
-        self.train_loader = build_train_loader(
-            d.path, d.train_split, train_transform(d), batch_size=d.batch_size, num_workers=d.num_workers,
-            rank=self.rank, world_size=self.world_size, seed=self.cfg.run.seed, shuffle_buffer=d.shuffle_buffer)
-        self.eval_loader = build_eval_loader(
-            d.path, d.val_split, eval_transform(d), batch_size=self.cfg.eval.batch_size or d.batch_size,
-            num_workers=d.num_workers, rank=self.rank, world_size=self.world_size)
+        _, self.classes = read_split(self.cfg.data.path, self.cfg.data.train_split)
+        self.train_loader, self.eval_loader = build_loaders(
+            self.cfg, rank=self.rank, world_size=self.world_size, device=self.device,
+            num_classes=self.cfg.model.num_classes or len(self.classes))
 
     def build_model(self) -> None:
         """Builds the model (same init on every rank), then wraps it through the engine."""
@@ -261,13 +257,14 @@ class Trainer:
         Returns:
             The micro-batch loss.
         """
-        images = batch["image"].to(self.device, self.input_dtype, non_blocking=True,
-                                   memory_format=self.memory_format)  # B×3×H×W
-        labels = batch["label"].to(self.device, non_blocking=True)  # B
+        inputs = batch["input"].to(self.device, self.input_dtype, memory_format=self.memory_format)  # B×3×H×W
         with self.acc.accumulate(self.model):
             with self.acc.autocast():
-                logits = self.model(images)  # B×classes
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.loss.label_smoothing)
+                logits = self.model(inputs)  # B×classes
+            if "target" in batch:  # mixup/CutMix: soft targets B×classes, smoothing already in them
+                loss = torch.sum(-batch["target"] * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            else:
+                loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.cfg.loss.label_smoothing)
             self.acc.backward(loss)
             if self.acc.sync_gradients:
                 if self.cfg.optim.clip_grad and self.cfg.engine.backend != "deepspeed":  # DeepSpeed clips itself
@@ -302,7 +299,7 @@ class Trainer:
         batch = next(iter(self.eval_loader), None)
         if batch is None:  # this rank's share of the validation split is empty
             return
-        images = batch[0][:n].to(self.device, self.input_dtype)
+        images = batch["input"][:n].to(self.device, self.input_dtype)
         folder = self.run_dir / "pictures"
         folder.mkdir(exist_ok=True)
         for i, picture in enumerate(render_pictures(net, images, self.cfg.data.mean, self.cfg.data.std)):

@@ -1,36 +1,65 @@
-"""CPU image augmentation (PIL → tensor); mean and std come from the config, shared with DALI later."""
+"""Per-sample CPU image augmentation for the ``wds`` backend (PIL → ``uint8`` tensor).
+
+Training follows timm's ``transforms_imagenet_train`` (what DeiT and Swin use): random-resized crop
+(bicubic), horizontal flip, then RandAugment — or, when RandAugment is off, colour jitter. The
+result stays ``uint8``: normalisation, random erasing and mixup/CutMix run on the training device
+(:mod:`pipeline.augment`), where the DALI backend's batches get the very same treatment.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
+from timm.data.auto_augment import rand_augment_transform
 from torchvision import transforms as T
 
 from pipeline.config import DataCfg
 
+BICUBIC = T.InterpolationMode.BICUBIC
+
+
+def to_uint8_chw(image: Any) -> torch.Tensor:
+    """An RGB PIL image → ``3×H×W`` uint8 tensor (no scaling)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def randaugment(config: str, img_size: int, mean: tuple[float, ...]) -> Callable[[Any], Any]:
+    """timm's RandAugment for ``config`` (e.g. ``rand-m9-mstd0.5-inc1``) with timm's hyper-parameters.
+
+    Translation is relative to ``0.45 × img_size`` and the fill colour is the dataset mean, as in
+    timm's ``transforms_imagenet_train``.
+    """
+    fill = tuple(int(round(255 * m)) for m in mean)
+    return rand_augment_transform(config, {"translate_const": int(img_size * 0.45), "img_mean": fill})
+
 
 def train_transform(cfg: DataCfg) -> Callable[[Any], torch.Tensor]:
-    """Random-resized crop, optional horizontal flip, normalisation.
+    """Random-resized crop, flip, RandAugment or colour jitter.
 
     Returns:
-        A function from an RGB PIL image to a 3×H×W float32 tensor (H = W = ``cfg.img_size``).
+        A function from an RGB PIL image to a ``3×H×W`` uint8 tensor (H = W = ``cfg.img_size``).
+        Randomness comes from Python's ``random`` and torch's generator, which the loader seeds per sample.
     """
     steps: list[Any] = [T.RandomResizedCrop(cfg.img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
-                                            interpolation=T.InterpolationMode.BICUBIC)]
+                                            interpolation=BICUBIC)]
     if cfg.hflip > 0:
         steps.append(T.RandomHorizontalFlip(cfg.hflip))
-    steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    if cfg.randaugment:
+        steps.append(randaugment(cfg.randaugment, cfg.img_size, cfg.mean))
+    elif cfg.color_jitter > 0:
+        steps.append(T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
+    steps.append(to_uint8_chw)
     return T.Compose(steps)
 
 
 def eval_transform(cfg: DataCfg) -> Callable[[Any], torch.Tensor]:
-    """Resize the short side to ``img_size / eval_crop_pct``, centre-crop ``img_size``, normalise.
+    """Resize the short side to ``img_size / eval_crop_pct`` (bicubic), centre-crop ``img_size``.
 
     Returns:
-        A function from an RGB PIL image to a 3×H×W float32 tensor.
+        A function from an RGB PIL image to a ``3×H×W`` uint8 tensor.
     """
     resize = int(round(cfg.img_size / cfg.eval_crop_pct))
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(cfg.img_size),
-                      T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    return T.Compose([T.Resize(resize, interpolation=BICUBIC), T.CenterCrop(cfg.img_size), to_uint8_chw])

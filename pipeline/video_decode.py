@@ -225,8 +225,10 @@ def _decode_pyav(data: bytes, flat: np.ndarray, key: str, fps: float | None, see
             rate = float(fps or stream.average_rate or stream.guessed_rate or 0)
             if rate <= 0:
                 raise VideoDecodeError(key, "no frame rate in json or stream")
-            for run in _runs(wanted, seek_gap):
-                _decode_run(container, stream, run, rate, seek=run[0] > seek_gap, out=decoded)
+            runs = _runs(wanted, seek_gap)
+            count = sum(_decode_run(container, stream, run, rate, seek=run[0] > seek_gap, out=decoded)
+                        for run in runs)
+        logger.debug("sample %s: decoded %d frames in %d runs for %d wanted", key, count, len(runs), len(wanted))
     except VideoDecodeError:
         raise
     except (av.FFmpegError, IndexError, OSError, ValueError) as exc:
@@ -238,8 +240,8 @@ def _decode_pyav(data: bytes, flat: np.ndarray, key: str, fps: float | None, see
 
 
 def _decode_run(container: Any, stream: Any, run: list[int], fps: float, *, seek: bool,
-                out: dict[int, np.ndarray]) -> None:
-    """Decodes the frames of one run into ``out`` (index -> (H, W, 3) uint8)."""
+                out: dict[int, np.ndarray]) -> int:
+    """Decodes the frames of one run into ``out`` (index -> (H, W, 3) uint8); returns the frames decoded."""
     start_pts = stream.start_time or 0
     base = stream.time_base
     if seek:
@@ -247,13 +249,15 @@ def _decode_run(container: Any, stream: Any, run: list[int], fps: float, *, seek
     else:
         container.seek(start_pts, stream=stream, backward=True, any_frame=False)
     wanted, last = set(run), run[-1]
-    position = -1
+    position, count = -1, 0
     for frame in container.decode(stream):
+        count += 1
         position = round(float((frame.pts - start_pts) * base) * fps) if frame.pts is not None else position + 1
         if position > last:
-            return
+            break
         if position in wanted:
             out[position] = frame.to_ndarray(format="rgb24")
+    return count
 
 
 # ---------------------------------------------------------------- DALI (VP9 on CPU)

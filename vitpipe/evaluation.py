@@ -18,9 +18,9 @@ def evaluate_run(run_dir: Path, weights: str | None, split: str | None, override
 
     from model.factory import create_model
     from pipeline.config_io import load_config
-    from pipeline.data_wds import build_eval_loader, read_split
+    from pipeline.data import build_eval
+    from pipeline.data_wds import read_split
     from pipeline.evaluate import evaluate
-    from pipeline.transforms import eval_transform
 
     cfg = load_config(_config_of(run_dir), overrides)
     weights_path = Path(weights) if weights else run_dir / "final" / "model.safetensors"
@@ -30,9 +30,7 @@ def evaluate_run(run_dir: Path, weights: str | None, split: str | None, override
     _, classes = read_split(cfg.data.path, cfg.data.train_split)
     net = create_model(cfg.model.name, num_classes=cfg.model.num_classes or len(classes),
                        img_size=cfg.data.img_size, checkpoint_path=str(weights_path), **cfg.model.kwargs)
-    loader = build_eval_loader(cfg.data.path, split, eval_transform(cfg.data),
-                               batch_size=cfg.eval.batch_size or cfg.data.batch_size,
-                               num_workers=cfg.data.num_workers, rank=0, world_size=1)
+    loader = build_eval(cfg, split, rank=0, world_size=1, device=torch.device("cpu"))
     result = evaluate(net, loader, torch.device("cpu"))
     return {**result, "split": split, "weights": str(weights_path)}
 

@@ -1,0 +1,138 @@
+"""The batch contract and the loader factory: one interface over the ``wds`` and ``dali`` backends.
+
+Every training batch the trainer sees is a dict on the training device:
+
+* ``input``: float32, normalised with ``data.mean``/``data.std`` — images ``B×3×H×W``, video
+  ``B×3×T×H×W`` (evaluation of video: ``B×V×3×T×H×W`` with V = temporal clips × spatial crops);
+* ``label``: int64 ``B``;
+* ``target``: float32 ``B×K`` soft targets (rows sum to 1), present only when mixup/CutMix is on.
+
+Backends deliver ``uint8`` pixels and int64 labels; the copy to the device, normalisation, random
+erasing and mixup/CutMix (:mod:`pipeline.augment`) are shared, so both backends meet the contract
+with the same dtypes, layout and value ranges.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.augment import BatchAugment, Mixup, RandomErasing, normalize
+from pipeline.config import JobCfg
+from pipeline.data_wds import build_eval_loader, build_train_loader, image_sample_fn
+from pipeline.transforms import eval_transform, train_transform
+
+logger = logging.getLogger(__name__)
+
+
+class BackendLoader(Protocol):
+    """What a backend's training loader offers (``wds``: :class:`~pipeline.data_wds.TrainLoader`)."""
+
+    steps_per_epoch: int
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...  # noqa: D102
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...  # noqa: D105
+
+
+class TrainBatches:
+    """A backend's training loader, moved to the device and augmented per batch (the batch contract).
+
+    Batch ``j`` of epoch ``e`` draws its erasing and mixing from ``(seed, e, j)``, so resuming with
+    ``set_epoch(e, skip_batches=k)`` reproduces batches ``k, k+1, ...`` of the uninterrupted epoch.
+    """
+
+    def __init__(self, loader: BackendLoader, device: torch.device, augment: BatchAugment) -> None:
+        self.loader, self.device, self.augment = loader, device, augment
+        self.epoch = self.skip = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch, the same on every rank."""
+        return self.loader.steps_per_epoch
+
+    @steps_per_epoch.setter
+    def steps_per_epoch(self, value: int) -> None:
+        self.loader.steps_per_epoch = value
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Selects the epoch of the next iteration and how many of its batches were already consumed."""
+        self.epoch, self.skip = epoch, skip_batches
+        self.loader.set_epoch(epoch, skip_batches)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for index, raw in enumerate(self.loader, start=self.skip):
+            pixels = raw["input"].to(self.device, non_blocking=True)
+            labels = raw["label"].to(self.device, non_blocking=True)
+            yield self.augment(pixels, labels, self.epoch, index)
+
+
+class EvalBatches:
+    """A backend's evaluation loader, moved to the device and normalised."""
+
+    def __init__(self, loader: Iterable[dict[str, torch.Tensor]], device: torch.device,
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.loader, self.device, self.mean, self.std = loader, device, mean, std
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for raw in self.loader:
+            pixels = raw["input"].to(self.device, non_blocking=True)
+            if pixels.dim() == 6:  # video views B×V×3×T×H×W: normalise as (B·V)×3×T×H×W
+                x = normalize(pixels.flatten(0, 1), self.mean, self.std).view(pixels.shape)
+            else:
+                x = normalize(pixels, self.mean, self.std)
+            yield {"input": x, "label": raw["label"].to(self.device, non_blocking=True)}
+
+
+def batch_augment(cfg: JobCfg, num_classes: int) -> BatchAugment:
+    """The device-side augmentation the config asks for (erasing, mixup/CutMix with label smoothing)."""
+    d = cfg.data
+    mixup = None
+    if d.mixup > 0 or d.cutmix > 0:
+        mixup = Mixup(d.mixup, d.cutmix, num_classes, smoothing=cfg.loss.label_smoothing, prob=d.mixup_prob,
+                      switch_prob=d.mixup_switch_prob)
+    erasing = RandomErasing(d.reprob) if d.reprob > 0 else None
+    return BatchAugment(d.mean, d.std, cfg.run.seed, erasing=erasing, mixup=mixup)
+
+
+def build_eval(cfg: JobCfg, split: str, *, rank: int, world_size: int, device: torch.device) -> EvalBatches:
+    """This rank's evaluation batches of ``split`` (every sample once over all ranks) on ``device``."""
+    d = cfg.data
+    batch = cfg.eval.batch_size or d.batch_size
+    if d.backend == "dali":
+        from pipeline.data_dali import DaliLoader
+
+        loader: Any = DaliLoader(d, split, batch_size=batch, seed=0, train=False, rank=rank, world_size=world_size)
+    else:
+        loader = build_eval_loader(d.path, split, image_sample_fn(eval_transform(d)), batch_size=batch,
+                                   num_workers=d.num_workers, rank=rank, world_size=world_size)
+    return EvalBatches(loader, device, d.mean, d.std)
+
+
+def build_loaders(cfg: JobCfg, *, rank: int, world_size: int, device: torch.device,
+                  num_classes: int) -> tuple[TrainBatches, EvalBatches]:
+    """Builds this rank's training and evaluation batches with the configured backend.
+
+    Returns:
+        ``(train, eval)`` iterables of batch-contract dicts on ``device``.
+    """
+    d = cfg.data
+    if d.backend == "dali":
+        from pipeline.data_dali import DaliLoader
+
+        train: Any = DaliLoader(d, d.train_split, batch_size=d.batch_size, seed=cfg.run.seed, train=True,
+                                rank=rank, world_size=world_size)
+        logger.info("dali loader on %s: %d steps/epoch per rank", train.device, train.steps_per_epoch)
+    else:
+        train = build_train_loader(
+            d.path, d.train_split, image_sample_fn(train_transform(d)), batch_size=d.batch_size,
+            num_workers=d.num_workers, seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer,
+            persistent_workers=d.persistent_workers, resample=d.resample_shards, rank=rank, world_size=world_size)
+    evals = build_eval(cfg, d.val_split, rank=rank, world_size=world_size, device=device)
+    return TrainBatches(train, device, batch_augment(cfg, num_classes)), evals
