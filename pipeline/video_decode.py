@@ -23,6 +23,7 @@ naming the sample key, so the loader can skip the sample and count it.
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import logging
@@ -199,22 +200,32 @@ def _stack(decoded: Mapping[int, np.ndarray], flat: np.ndarray, key: str) -> np.
 # ---------------------------------------------------------------- PyAV (H.264, and VP9 fallback)
 
 
-def _runs(wanted: list[int], gap: int) -> list[list[int]]:
-    """Splits sorted distinct indices into runs whose consecutive members are at most ``gap`` apart."""
-    runs = [[wanted[0]]]
-    for i in wanted[1:]:
-        if i - runs[-1][-1] > gap:
-            runs.append([])
-        runs[-1].append(i)
-    return runs
+class _Clock:
+    """Frame index <-> presentation timestamp of a constant-rate stream (frame ``k`` at ``k / fps``)."""
+
+    def __init__(self, stream: Any, fps: float) -> None:
+        self.start, self.base, self.fps = stream.start_time or 0, stream.time_base, fps
+
+    def index(self, pts: int) -> int:
+        return round(float((pts - self.start) * self.base) * self.fps)
+
+    def pts(self, index: int) -> int:
+        return self.start + int(index / self.fps / self.base)
+
+
+def _keyframes(container: Any, stream: Any, clock: _Clock) -> list[int]:
+    """Sorted frame indices of the keyframes, from one demux pass over the packets (no decoding)."""
+    return sorted(clock.index(p.pts) for p in container.demux(stream) if p.is_keyframe and p.pts is not None)
+
+
+def _key_before(keyframes: list[int], index: int) -> int:
+    """The last keyframe at or before ``index`` (0 when none is known)."""
+    pos = bisect.bisect_right(keyframes, index)
+    return keyframes[pos - 1] if pos else 0
 
 
 def _decode_pyav(data: bytes, flat: np.ndarray, key: str, fps: float | None, seek_gap: int) -> np.ndarray:
-    """Seek + decode forward per run of wanted frames; returns (len(flat), H, W, 3) uint8.
-
-    A frame's index is its presentation time since the stream start times ``fps``, rounded
-    (data prep writes constant-rate streams whose frame ``k`` has time ``k / fps``).
-    """
+    """Decodes the wanted frames with PyAV; returns (len(flat), H, W, 3) uint8."""
     import av
 
     wanted = np.unique(flat).tolist()
@@ -225,10 +236,10 @@ def _decode_pyav(data: bytes, flat: np.ndarray, key: str, fps: float | None, see
             rate = float(fps or stream.average_rate or stream.guessed_rate or 0)
             if rate <= 0:
                 raise VideoDecodeError(key, "no frame rate in json or stream")
-            runs = _runs(wanted, seek_gap)
-            count = sum(_decode_run(container, stream, run, rate, seek=run[0] > seek_gap, out=decoded)
-                        for run in runs)
-        logger.debug("sample %s: decoded %d frames in %d runs for %d wanted", key, count, len(runs), len(wanted))
+            clock = _Clock(stream, rate)
+            keyframes = _keyframes(container, stream, clock)
+            count, seeks = _decode_forward(container, stream, clock, keyframes, wanted, seek_gap, decoded)
+        logger.debug("sample %s: decoded %d frames with %d seeks for %d wanted", key, count, seeks, len(wanted))
     except VideoDecodeError:
         raise
     except (av.FFmpegError, IndexError, OSError, ValueError) as exc:
@@ -239,25 +250,33 @@ def _decode_pyav(data: bytes, flat: np.ndarray, key: str, fps: float | None, see
     return _stack(decoded, flat, key)
 
 
-def _decode_run(container: Any, stream: Any, run: list[int], fps: float, *, seek: bool,
-                out: dict[int, np.ndarray]) -> int:
-    """Decodes the frames of one run into ``out`` (index -> (H, W, 3) uint8); returns the frames decoded."""
-    start_pts = stream.start_time or 0
-    base = stream.time_base
-    if seek:
-        container.seek(start_pts + int(run[0] / fps / base), stream=stream, backward=True, any_frame=False)
-    else:
-        container.seek(start_pts, stream=stream, backward=True, any_frame=False)
-    wanted, last = set(run), run[-1]
-    position, count = -1, 0
-    for frame in container.decode(stream):
-        count += 1
-        position = round(float((frame.pts - start_pts) * base) * fps) if frame.pts is not None else position + 1
-        if position > last:
+def _decode_forward(container: Any, stream: Any, clock: _Clock, keyframes: list[int], wanted: list[int],
+                    seek_gap: int, out: dict[int, np.ndarray]) -> tuple[int, int]:
+    """Decodes forward from the keyframe before ``wanted[0]``, keeping the wanted frames in ``out``.
+
+    When the next wanted frame is more than ``seek_gap`` frames ahead and a keyframe lies between,
+    it seeks to that keyframe instead of decoding through the gap. Each keyframe is sought at most once.
+
+    Returns:
+        (frames decoded, seeks made).
+    """
+    wanted_set, j, pos = set(wanted), 0, -1
+    frames, sought, count, seeks = None, -1, 0, 0
+    while j < len(wanted):
+        target = _key_before(keyframes, wanted[j])
+        if frames is None or (wanted[j] - pos > seek_gap and target > max(pos + 1, sought)):
+            container.seek(clock.pts(target), stream=stream, backward=True, any_frame=False)
+            frames, sought, seeks = container.decode(stream), target, seeks + 1
+        frame = next(frames, None)
+        if frame is None:
             break
-        if position in wanted:
-            out[position] = frame.to_ndarray(format="rgb24")
-    return count
+        count += 1
+        pos = clock.index(frame.pts) if frame.pts is not None else pos + 1
+        if pos in wanted_set:
+            out[pos] = frame.to_ndarray(format="rgb24")
+        while j < len(wanted) and wanted[j] <= pos:
+            j += 1
+    return count, seeks
 
 
 # ---------------------------------------------------------------- DALI (VP9 on CPU)
