@@ -123,6 +123,16 @@ def _add_common(p: argparse.ArgumentParser, shard_size: int) -> None:
                    help="array tasks sharing the work; >1 leaves the merge to `prep merge` (default: 1)")
     p.add_argument("--max-failure-rate", type=_fraction, default=0.01, metavar="F",
                    help="fail when more than this fraction of inputs is quarantined (default: %(default)s)")
+    s = p.add_argument_group("Slurm (--slurm: submit a job array and a dependent merge job instead of running here)")
+    s.add_argument("--slurm", action="store_true", help="submit to Slurm (cluster defaults: slurm/cluster.toml)")
+    s.add_argument("--slurm-tasks", type=_positive_int, metavar="N", help="array tasks (default: the cluster file's)")
+    s.add_argument("--slurm-throttle", type=int, metavar="K", help="tasks running at once (0: no limit)")
+    s.add_argument("--partition", help="Slurm partition (default: the cluster file's)")
+    s.add_argument("--account", help="Slurm account (default: the cluster file's)")
+    s.add_argument("--qos", help="Slurm QOS (default: the cluster file's)")
+    s.add_argument("--time", help="time limit of each array task (default: the cluster file's [prep] time)")
+    s.add_argument("--cluster", metavar="FILE", help="cluster defaults (default: slurm/cluster.toml)")
+    s.add_argument("--dry-run", action="store_true", help="with --slurm: print the batch scripts, submit nothing")
     g = p.add_argument_group("training layout (only for the shard-count warning)")
     g.add_argument("--nodes", type=_positive_int, default=1, help="nodes you will train on (default: 1)")
     g.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default: 8)")
@@ -145,6 +155,7 @@ def _sub(sources: Any, name: str, help_: str, description: str, shard_size: int)
     p = sources.add_parser(name, help=help_, description=description, epilog=_SCALE_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p, shard_size)
+    p.set_defaults(prep_parser=p)
     return p
 
 
@@ -273,8 +284,47 @@ def _report(info: dict[str, Any], out: Path) -> None:
                 Path(out) / "dataset.json")
 
 
+_NOT_FOR_TASKS = {"help", "task_index", "num_tasks", "workers", "slurm", "slurm_tasks", "slurm_throttle", "partition",
+                  "account", "qos", "time", "cluster", "dry_run"}
+
+
+def _task_argv(args: argparse.Namespace) -> list[str]:
+    """The prep command of one array task, rebuilt from the parsed arguments (paths made absolute)."""
+    def text(value: Any) -> str:
+        if isinstance(value, Path):
+            return str(value.resolve())
+        if isinstance(value, tuple):  # --list SPLIT=FILE
+            return f"{value[0]}={Path(value[1]).resolve()}"
+        return str(value)
+
+    argv = [args.prep_source]
+    for action in args.prep_parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in _NOT_FOR_TASKS or not action.option_strings or value is None or value is False:
+            continue
+        opt = action.option_strings[-1]
+        if value is True:
+            argv.append(opt)
+        elif isinstance(action, argparse._AppendAction):
+            argv += [x for v in value for x in (opt, text(v))]
+        elif isinstance(value, list):
+            argv += [opt, *map(text, value)]
+        else:
+            argv += [opt, text(value)]
+    return argv
+
+
+def _submit(args: argparse.Namespace) -> int:
+    """``--slurm``: submit the array and the merge job (vitpipe.slurm_jobs) instead of preparing here."""
+    from vitpipe.slurm_jobs import submit_prep
+
+    return submit_prep(args, _task_argv(args))
+
+
 def run_prep_imagenet(args: argparse.Namespace) -> int:
     """Run ``prep imagenet`` with parsed arguments (returns 0; raises PrepError on unusable input)."""
+    if args.slurm:
+        return _submit(args)
     from data_prep.imagenet import build_image_plan
     from data_prep.images import ImageOptions
 
@@ -288,6 +338,8 @@ def run_prep_imagenet(args: argparse.Namespace) -> int:
 
 def run_prep_video(args: argparse.Namespace) -> int:
     """Run ``prep kinetics|ssv2|diving48|videolist`` with parsed arguments."""
+    if args.slurm:
+        return _submit(args)
     from data_prep import video_sources as vs
     from data_prep.video import VideoOptions
 

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_models_parser(sub, _formatter)
     add_viz_parser(sub, _formatter)
     commands.add_ui_parser(sub, _formatter)
+    commands.add_submit_parser(sub, _formatter, _OVERRIDES_HELP)
+    commands.add_status_parser(sub, _formatter)
+    commands.add_cancel_parser(sub, _formatter)
     return parser
 
 

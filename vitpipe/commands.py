@@ -174,3 +174,86 @@ def add_ui_parser(sub: Any, formatter: Any) -> None:
     p.add_argument("--runs", default="runs", help="runs directory holding mlflow.db (default: %(default)s)")
     p.add_argument("--port", type=int, default=5000, help="port; 0 picks a free one (default: %(default)s)")
     p.set_defaults(func=run_ui_command)
+
+
+_SUBMIT_EPILOG = """\
+examples:
+  vitpipe submit jobs/swin/swin_t_in1k_cls_1x8.toml --nodes 2 --gpus-per-node 8 --partition gpu --time 12:00:00
+  vitpipe submit RECIPE --nodes 16 --gpus-per-node 8 --dry-run        # print the batch script only
+  vitpipe submit --eval runs/my-run --split val                        # evaluate a finished run
+  vitpipe status runs/my-run       vitpipe cancel runs/my-run       vitpipe cancel my-run --signal USR1
+
+The batch script is rendered from slurm/train.sbatch with the cluster defaults of slurm/cluster.toml
+(or --cluster FILE / $VITPIPE_CLUSTER) into <run dir>/slurm/train.sbatch, where `sbatch` can submit it
+again; Slurm's output goes to <run dir>/slurm/job-<id>.out, appended across requeues. One srun task per
+node starts torchrun (c10d rendezvous on the first node, port from the job id). SIGUSR1 arrives
+--signal-lead seconds before the time limit: the trainers checkpoint and the job requeues itself (at
+most --max-requeues times), then resumes from the checkpoint into the same MLflow run.
+"""
+
+
+def add_submit_parser(sub: Any, formatter: Any, overrides_help: str) -> None:
+    """Adds ``vitpipe submit``."""
+    from vitpipe.slurm_jobs import run_submit_command
+
+    p = sub.add_parser("submit", help="submit training (or evaluation) as a Slurm batch job",
+                       formatter_class=formatter, epilog=overrides_help + "\n" + _SUBMIT_EPILOG,
+                       description="Render a Slurm batch script for a recipe (multi-node torchrun, checkpoint "
+                                   "and requeue on SIGUSR1) into the run directory and submit it with sbatch.")
+    p.add_argument("target", help="recipe TOML; with --eval, a run directory")
+    p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default: %(default)s)")
+    p.add_argument("--gpus-per-node", type=int, metavar="G",
+                   help="GPUs per node, one trainer each (default: the cluster file's, else 0 = one CPU trainer)")
+    p.add_argument("--nproc-per-node", type=int, metavar="N", help="trainers per node (default: G, at least 1)")
+    g = p.add_argument_group("Slurm options (default: the cluster file)")
+    g.add_argument("--partition", metavar="P")
+    g.add_argument("--account", metavar="A")
+    g.add_argument("--qos", metavar="Q")
+    g.add_argument("--time", metavar="T", help="time limit, e.g. 12:00:00")
+    g.add_argument("--cpus-per-task", type=int, metavar="C", help="CPUs per node task")
+    g.add_argument("--mem", metavar="M", help="memory per node, e.g. 480G")
+    g.add_argument("--constraint", metavar="F", help="node features")
+    g.add_argument("--exclusive", action="store_true", help="whole nodes")
+    g.add_argument("--max-requeues", type=int, metavar="N", help="bound on self-requeues after preemption")
+    g.add_argument("--signal-lead", type=int, metavar="S", help="SIGUSR1 S seconds before the time limit")
+    g.add_argument("--env", action="append", metavar="NAME=VALUE", help="export in the job (repeatable)")
+    g.add_argument("--sbatch", action="append", metavar="--OPTION[=V]",
+                   help="another #SBATCH option, e.g. --sbatch=--dependency=afterok:123 (repeatable)")
+    g.add_argument("--cluster", metavar="FILE", help="cluster defaults (default: $VITPIPE_CLUSTER or "
+                                                     "slurm/cluster.toml)")
+    g.add_argument("--python", metavar="PATH", help="interpreter in the job (default: the cluster file's, "
+                                                    "else this one)")
+    p.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval", action="store_true", help="TARGET is a run directory: evaluate its weights")
+    e.add_argument("--split", help="split to evaluate (default: the run's data.val_split)")
+    e.add_argument("--weights", help="weights file (default: RUN_DIR/final/model.safetensors)")
+    p.set_defaults(func=run_submit_command, accepts_overrides=True)
+
+
+def add_status_parser(sub: Any, formatter: Any) -> None:
+    """Adds ``vitpipe status``."""
+    from vitpipe.slurm_jobs import run_status_command
+
+    p = sub.add_parser("status", help="Slurm jobs of a run (or prep output) and where the run stands",
+                       formatter_class=formatter,
+                       description="Show the state of every Slurm job submitted for a run directory (or a "
+                                   "`vitpipe prep --slurm` output directory), the run's status, latest "
+                                   "checkpoint, attempts (requeues) and MLflow run.")
+    p.add_argument("target", help="run directory, prep output directory, or a run name under --runs")
+    p.add_argument("--runs", default="runs", help="runs directory for a run name (default: %(default)s)")
+    p.set_defaults(func=run_status_command)
+
+
+def add_cancel_parser(sub: Any, formatter: Any) -> None:
+    """Adds ``vitpipe cancel``."""
+    from vitpipe.slurm_jobs import run_cancel_command
+
+    p = sub.add_parser("cancel", help="cancel (or signal) the Slurm jobs of a run", formatter_class=formatter,
+                       description="scancel the queued and running jobs of a run (or prep output) directory. "
+                                   "With --signal USR1 the jobs are not cancelled: the trainers checkpoint at "
+                                   "the next step and the job requeues itself.")
+    p.add_argument("target", help="run directory, prep output directory, or a run name under --runs")
+    p.add_argument("--runs", default="runs", help="runs directory for a run name (default: %(default)s)")
+    p.add_argument("--signal", metavar="SIG", help="send this signal to the jobs' steps instead (e.g. USR1)")
+    p.set_defaults(func=run_cancel_command)
