@@ -291,32 +291,42 @@ def dali_available() -> bool:
     return True
 
 
-_warned_no_dali = False
+_warned: set[str] = set()
+#: The process that first ran a DALI pipeline; a process forked from it after that must not use DALI.
+_dali_pid: int | None = None
+
+
+def _fallback(reason: str) -> bool:
+    if reason not in _warned:
+        logger.warning("decoding VP9 with PyAV: %s", reason)
+        _warned.add(reason)
+    return False
 
 
 def _use_dali(backend: WebmBackend) -> bool:
-    global _warned_no_dali
     if backend == "pyav":
         return False
     if backend not in ("auto", "dali"):
         raise ValueError(f"webm_backend must be 'auto', 'dali' or 'pyav', got {backend!r}")
+    if _dali_pid is not None and _dali_pid != os.getpid():
+        # DALI is not fork-safe: a pipeline run in the parent before the fork hangs in the child.
+        return _fallback("this process was forked after its parent ran DALI (start loader workers "
+                         "before decoding in the main process, or use the 'spawn' start method)")
     if dali_available():
         return True
     if backend == "dali":
         raise ImportError("webm_backend='dali' but nvidia.dali is not installed")
-    if not _warned_no_dali:
-        logger.info("nvidia.dali not installed: decoding VP9 with PyAV")
-        _warned_no_dali = True
-    return False
+    return _fallback("nvidia.dali is not installed")
 
 
 _dali_local = threading.local()
 
 
 def _dali_pipeline() -> Any:
-    """A per-process, per-thread batch-1 CPU pipeline: external bytes + frame list -> decoders.video."""
+    """This thread's batch-1 CPU pipeline: external bytes + frame list -> decoders.video (built once)."""
+    global _dali_pid
     pipe = getattr(_dali_local, "pipe", None)
-    if pipe is not None and _dali_local.pid == os.getpid():
+    if pipe is not None:
         return pipe
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -330,9 +340,10 @@ def _dali_pipeline() -> Any:
         # pad_mode="none": a frame past the end of a truncated stream is an error, not a black frame
         return fn.decoders.video(encoded, device="cpu", frames=frames, pad_mode="none")
 
+    _dali_pid = os.getpid()
     pipe = _pipe()
     pipe.build()
-    _dali_local.pipe, _dali_local.pid = pipe, os.getpid()
+    _dali_local.pipe = pipe
     return pipe
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
+import multiprocessing.queues
 import re
 
 import av
@@ -212,6 +214,25 @@ def test_pyav_seeks_over_frames_it_does_not_need(samples: dict[str, dict], caplo
     np.testing.assert_allclose(levels(frames), [30, 200], atol=TOL)
     decoded = int(re.search(r"decoded (\d+) frames", caplog.text).group(1))
     assert decoded == most  # GOP 4: frames 0-3, a seek to keyframe 20, frame 20; one GOP: 0-20 once
+
+
+def _decode_in_child(sample: dict, queue: multiprocessing.queues.Queue) -> None:
+    queue.put(levels(decode_frames(sample, [2, 7])).tolist())
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
+def test_forked_worker_after_dali_in_parent_does_not_hang(samples: dict[str, dict]) -> None:
+    """DALI is not fork-safe: a child forked after the parent ran it decodes VP9 with PyAV instead."""
+    decode_frames(samples["webm"], [0], webm_backend="dali")  # the parent runs a DALI pipeline
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_decode_in_child, args=(samples["webm"], queue))
+    child.start()
+    child.join(timeout=20)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung")
+    np.testing.assert_allclose(queue.get(timeout=5), [20, 70], atol=TOL)
 
 
 def test_num_frames_from_json_and_without_it(samples: dict[str, dict]) -> None:
