@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ EXIT_NO_PACKAGES = 3
 START_TIMEOUT_S = 300.0  # cold start with apt-get is 20-40 s here; slow mirrors take longer
 STOP_TIMEOUT_S = 180.0
 LOCK_TIMEOUT_S = 600.0  # how long to wait for another session's cluster to finish
+SACCT_GRACE_S = 15.0  # how long wait_job lets sacct disagree with slurmctld about a finished job
 
 # sacct/squeue states after which a job does not change any more (REQUEUED, COMPLETING, ... are not final).
 FINAL_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
@@ -106,39 +108,54 @@ def _queued_states(job_id: str, env: dict[str, str] | None) -> list[str]:
     return proc.stdout.split() if proc.returncode == 0 else []  # unknown/finished ids make squeue fail
 
 
-def _sacct_rows(job_id: str, env: dict[str, str] | None) -> dict[str, tuple[str, str]] | None:
-    """``{JobID: (State, ExitCode)}`` from sacct (job allocations only); None if accounting is disabled."""
-    proc = _run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "JobID,State,ExitCode"], env)
+# One row per job (or array task): (state, "exit:signal", job name).
+Row = tuple[str, str, str]
+_SCONTROL_FIELDS = re.compile(r"^JobId=(\d+)(?: ArrayJobId=(\d+) ArrayTaskId=(\S+))? JobName=(.*?) UserId=.*?"
+                              r" JobState=(\S+) .*?ExitCode=(\S+)")
+
+
+def _sacct_rows(job_id: str, env: dict[str, str] | None) -> dict[str, Row] | None:
+    """``{JobID: row}`` from sacct (job allocations only); None if accounting is disabled."""
+    proc = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,ExitCode,JobName"], env)
     if proc.returncode != 0:
         if "disabled" in proc.stderr:
             return None
         return {}  # slurmdbd busy or lagging: treat as "no row yet"
     rows = {}
     for line in proc.stdout.splitlines():
-        if line.count("|") == 2:
-            jid, state, exit_code = line.split("|")
-            rows[jid] = (state.split()[0] if state else "", exit_code)
+        if line.count("|") >= 3:
+            jid, state, exit_code, name = line.split("|", 3)
+            rows[jid] = (state.split()[0] if state else "", exit_code, name)  # "CANCELLED by 0" -> "CANCELLED"
     return rows
 
 
-def _scontrol_rows(job_id: str, env: dict[str, str] | None) -> dict[str, tuple[str, str]]:
-    """``{JobId[_task]: (JobState, ExitCode)}`` from ``scontrol show job`` (kept for MinJobAge after the end)."""
-    proc = _run(["scontrol", "-o", "show", "job", str(job_id)], env)
+def _scontrol_rows(job_id: str, env: dict[str, str] | None) -> dict[str, Row]:
+    """``{JobId or ArrayJobId_ArrayTaskId: row}`` from slurmctld, which keeps finished jobs for MinJobAge (600 s)."""
+    proc = _run(["scontrol", "-o", "show", "job", job_id], env)
     rows = {}
     for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
-        kv = dict(item.split("=", 1) for item in line.split() if "=" in item)
-        jid = kv.get("JobId", "")
-        if "ArrayTaskId" in kv and "ArrayJobId" in kv:
-            jid = f"{kv['ArrayJobId']}_{kv['ArrayTaskId']}"
-        rows[jid] = (kv.get("JobState", ""), kv.get("ExitCode", ""))
+        if m := _SCONTROL_FIELDS.match(line):
+            jid, array_id, task_id, name, state, exit_code = m.groups()
+            rows[f"{array_id}_{task_id}" if array_id else jid] = (state, exit_code, name)
     return rows
 
 
-def _result(job_id: str, rows: dict[str, tuple[str, str]], source: str) -> JobResult:
-    bad = [(jid, st, ec) for jid, (st, ec) in sorted(rows.items()) if st != "COMPLETED" or ec.split(":")[0] != "0"]
-    _, state, exit_signal = bad[0] if bad else ("", "COMPLETED", "0:0")
+def _result(job_id: str, rows: dict[str, Row], source: str) -> JobResult:
+    tasks = {jid: (state, exit_code) for jid, (state, exit_code, _) in sorted(rows.items())}
+    bad = [(state, ec) for state, ec in tasks.values() if state != "COMPLETED" or ec.split(":")[0] != "0"]
+    state, exit_signal = bad[0] if bad else ("COMPLETED", "0:0")
     code, _, sig = exit_signal.partition(":")
-    return JobResult(str(job_id), state, int(code or 0), int(sig or 0), dict(rows), source)
+    return JobResult(job_id, state, int(code or 0), int(sig or 0), tasks, source)
+
+
+def _same_jobs(rows: dict[str, Row], known: dict[str, Row]) -> bool:
+    """sacct agrees with slurmctld on ids, states and names (not exit codes: a cancelled job is 0:0 in sacct, 0:15
+    in scontrol)."""
+    return rows.keys() == known.keys() and all(rows[j][0::2] == known[j][0::2] for j in rows)
+
+
+def _final(rows: dict[str, Row]) -> bool:
+    return bool(rows) and all(state in FINAL_STATES for state, _, _ in rows.values())
 
 
 def wait_job(job_id: int | str, timeout: float = 120.0, env: dict[str, str] | None = None,
@@ -147,9 +164,15 @@ def wait_job(job_id: int | str, timeout: float = 120.0, env: dict[str, str] | No
 
     Use this instead of ``sbatch --wait``, whose own back-off adds about 10 s. While the job is in ``squeue``
     (pending, running, completing, or pending again after a requeue) it is not done. After it left the queue,
-    ``sacct`` decides; a missing row counts as pending (a new job appears in sacct 1-2 s after sbatch) and so
-    does a non-final state (final states lag by about 1 s more), or rows that do not yet match the tasks that
-    ``scontrol show job`` lists. When accounting is disabled, ``scontrol show job`` takes sacct's place.
+    ``sacct`` decides, checked against slurmctld's own record (``scontrol show job``, kept for 600 s):
+
+    * a missing sacct row counts as pending: a new job appears in sacct 1-2 s after sbatch;
+    * so do non-final states and rows that disagree with slurmctld: final states lag by about 1 s more, a
+      job can first show up as a placeholder named ``allocation``, and an array as one row ``<id>`` before its
+      ``<id>_<task>`` rows.
+
+    If sacct still disagrees 15 s after slurmctld saw the end, slurmctld's record is returned (``source ==
+    "scontrol"``); the same happens when accounting is disabled.
 
     Args:
         job_id: Id printed by ``sbatch --parsable`` (an array's id covers all its tasks).
@@ -163,24 +186,27 @@ def wait_job(job_id: int | str, timeout: float = 120.0, env: dict[str, str] | No
     Raises:
         TimeoutError: The job did not reach a final state in time; the message has the last state seen.
     """
+    job_id = str(job_id)
     deadline = time.monotonic() + timeout
+    ended_at = None  # when slurmctld first reported every task final
     last: object = "not seen yet"
     while True:
-        queued = _queued_states(str(job_id), env)
+        queued = _queued_states(job_id, env)
         if queued:
             last = f"squeue: {queued}"
         else:
-            # slurmctld's own record (kept MinJobAge=600 s) names every task at once; sacct may first show
-            # an array as one row "<id>" before its "<id>_<task>" rows, so its rows must match.
-            known = _scontrol_rows(str(job_id), env)
-            rows, source = _sacct_rows(str(job_id), env), "sacct"
-            if rows is None:
-                rows, source = known, "scontrol"
-            elif known and set(rows) != set(known):
-                rows = {}
-            if rows and all(state in FINAL_STATES for state, _ in rows.values()):
-                return _result(str(job_id), rows, source)
-            last = f"{source}: {rows or 'no row yet'}"
+            known = _scontrol_rows(job_id, env)
+            rows = _sacct_rows(job_id, env)
+            if rows is None:  # accounting disabled
+                if _final(known):
+                    return _result(job_id, known, "scontrol")
+            elif _final(rows) and (not known or _same_jobs(rows, known)):
+                return _result(job_id, rows, "sacct")
+            elif _final(known):
+                ended_at = ended_at or time.monotonic()
+                if time.monotonic() - ended_at > SACCT_GRACE_S:
+                    return _result(job_id, known, "scontrol")
+            last = f"sacct: {rows or 'no row yet'}; scontrol: {known or 'no record'}"
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} did not finish within {timeout:.0f} s (last seen: {last})")
         time.sleep(poll_s)
