@@ -1,0 +1,280 @@
+"""``vitpipe submit --dry-run``, the rendered batch scripts run with stub Slurm commands, and the srun task wrapper.
+
+No Slurm needed: the scripts are checked line by line, parsed the way sbatch parses ``#SBATCH`` lines, and
+executed by bash with ``srun``/``scontrol`` stubs, which shows the requeue decision and that names with quotes,
+spaces, ``$(...)`` and backticks stay text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from vitpipe.cli import UserError, main
+from vitpipe.slurm import load_cluster
+from vitpipe.slurm_task import _children
+
+RECIPE = "jobs/demo/vitnano_digits_cls_2xcpu.toml"
+
+
+def _cluster_file(tmp_path: Path, **extra: str) -> Path:
+    path = tmp_path / "cluster.toml"
+    path.write_text(f"""
+[slurm]
+partition = "debug"
+[requeue]
+signal_lead_s = 90
+max_requeues = 2
+[environment]
+python = {json.dumps(sys.executable)}
+[env]
+OMP_NUM_THREADS = "1"
+{extra.get('more', '')}
+""")
+    return path
+
+
+def _dry_run(capsys: pytest.CaptureFixture, *args: str) -> str:
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
+
+
+def _sbatch_value(line: str) -> str:
+    """The option value of an ``#SBATCH --opt=value`` line as Slurm's ``_get_argument`` reads it (sbatch/opt.c)."""
+    text, arg, quote, escape = line.removeprefix("#SBATCH").lstrip(), "", None, False
+    for c in text:
+        if escape:
+            arg, escape = arg + c, False
+        elif c == "\\":
+            escape = True
+        elif quote:
+            if c == quote:
+                quote = None
+            else:
+                arg += c
+        elif c in "\"'":
+            quote = c
+        elif c == "#" or c.isspace():
+            break
+        else:
+            arg += c
+    return arg.partition("=")[2]
+
+
+def _sbatch_options(script: str) -> dict[str, str]:
+    lines = [ln for ln in script.splitlines() if ln.startswith("#SBATCH")]
+    return {ln.split()[1].split("=")[0].removeprefix("--"): _sbatch_value(ln) for ln in lines}
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 16])
+def test_dry_run_renders_rendezvous_signal_and_requeue(capsys, tmp_path: Path, nodes: int) -> None:
+    out = _dry_run(capsys, "submit", RECIPE, "--nodes", str(nodes), "--gpus-per-node", "8", "--time", "04:00:00",
+                   "--cluster", str(_cluster_file(tmp_path)), f"--run.output_dir={tmp_path}", "--run.name=r1",
+                   "--dry-run")
+    opts = _sbatch_options(out)
+    assert opts["nodes"] == str(nodes) and opts["ntasks-per-node"] == "1" and opts["gpus-per-node"] == "8"
+    assert opts["signal"] == "USR1@90" and "requeue" in opts and opts["open-mode"] == "append"
+    assert opts["time"] == "04:00:00" and opts["partition"] == "debug"
+    assert opts["output"] == f"{tmp_path}/r1/slurm/job-%j.out"
+    assert "NPROC_PER_NODE=8" in out and "MAX_REQUEUES=2" in out
+    assert "MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))" in out
+    assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in out
+    assert '--rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv-id="$SLURM_JOB_ID"' in out
+    assert 'srun --nodes="$nodes" --ntasks-per-node=1' in out and "-m vitpipe.slurm_task run --" in out
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in out and "(( restarts < MAX_REQUEUES ))" in out
+    assert "export OMP_NUM_THREADS=1" in out
+    assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
+    assert not (tmp_path / "r1").exists()  # a dry run writes nothing
+
+
+def _stubs(tmp_path: Path) -> Path:
+    """``srun`` and ``scontrol`` stubs: srun records its argv and plays the trainers (env STUB_*)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text(f"""#!/bin/bash
+printf '%s\\n' "$@" > {tmp_path}/srun.args
+printf '%s' "${{FOO-unset}}" > {tmp_path}/foo.env
+[[ -n $STUB_STATUS ]] && printf '{{"status": "%s"}}' "$STUB_STATUS" > "$STUB_RUN_DIR/summary.json"
+[[ -n $STUB_LOG ]] && printf '%s\\n' "$STUB_LOG" >> "$STUB_RUN_DIR/log.rank1.txt"
+exit "${{STUB_RC:-0}}"
+""")
+    (bin_dir / "scontrol").write_text(f"""#!/bin/bash
+if [[ $1 == show && $2 == hostnames ]]; then printf 'node%03d\\n' $(seq 1 "$SLURM_JOB_NUM_NODES"); exit 0; fi
+echo "$@" >> {tmp_path}/scontrol.log
+""")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    return bin_dir
+
+
+def _run_script(tmp_path: Path, script: str, run_dir: Path, nodes: int = 2, restarts: int = 0,
+                **stub: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{_stubs(tmp_path)}:{env['PATH']}", SLURM_JOB_ID="123457", SLURM_JOB_NUM_NODES=str(nodes),
+               SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]", SLURM_RESTART_COUNT=str(restarts),
+               STUB_RUN_DIR=str(run_dir), **{f"STUB_{k.upper()}": v for k, v in stub.items()})
+    (tmp_path / "scontrol.log").unlink(missing_ok=True)
+    return subprocess.run(["bash", str(path)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+def test_script_starts_torchrun_on_every_node_and_decides_on_requeue(capsys, tmp_path: Path) -> None:
+    script = _dry_run(capsys, "submit", RECIPE, "--nodes", "16", "--gpus-per-node", "8", "--cluster",
+                      str(_cluster_file(tmp_path)), f"--run.output_dir={tmp_path}", "--run.name=r16", "--dry-run")
+    run_dir = tmp_path / "r16"
+
+    done = _run_script(tmp_path, script, run_dir, nodes=16, status="FINISHED")
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    assert args[:3] == ["--nodes=16", "--ntasks-per-node=1", "--kill-on-bad-exit=0"]
+    tail = args[args.index("torch.distributed.run") + 1:]
+    assert tail[:7] == ["--nnodes=16", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node001:23457",
+                        "--rdzv-id=123457", "--max-restarts=0", "-m"]
+    assert tail[7:9] == ["pipeline.train", str(ROOT / RECIPE)]
+    assert "ended: FINISHED" in done.stdout and not (tmp_path / "scontrol.log").exists()
+
+    # torchrun turns the trainers' 75 into 1: summary.json of this attempt decides.
+    preempted = _run_script(tmp_path, script, run_dir, status="PREEMPTED", rc="1")
+    assert preempted.returncode == 0, preempted.stderr
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 123457\n"
+    # An older summary does not count; a rank log line of this attempt does (rank 0 died before writing one).
+    old = json.dumps({"status": "PREEMPTED"})
+    (run_dir / "summary.json").write_text(old)
+    os.utime(run_dir / "summary.json", (time.time() - 3600, time.time() - 3600))
+    crashed = _run_script(tmp_path, script, run_dir, rc="1")
+    assert crashed.returncode == 1 and "ended: FAILED" in crashed.stdout
+    assert not (tmp_path / "scontrol.log").exists()
+    log_only = _run_script(tmp_path, script, run_dir, rc="1",
+                           log="preempted at step 7: checkpoint written, exiting with status 75 for a requeue")
+    assert log_only.returncode == 0 and (tmp_path / "scontrol.log").read_text() == "requeue 123457\n"
+    # The bound: at SLURM_RESTART_COUNT == max_requeues the job stops with 75 instead.
+    limit = _run_script(tmp_path, script, run_dir, restarts=2, status="PREEMPTED", rc="1")
+    assert limit.returncode == 75 and "requeue limit reached (2)" in limit.stderr
+    assert not (tmp_path / "scontrol.log").exists()
+    outcomes = [json.loads(line)["outcome"] for line in (run_dir / "slurm" / "attempts.jsonl").read_text().splitlines()]
+    assert outcomes == ["FINISHED", "PREEMPTED", "FAILED", "PREEMPTED", "PREEMPTED"]
+
+
+def test_names_with_quotes_spaces_and_substitutions_stay_text(capsys, tmp_path: Path) -> None:
+    runs = tmp_path / "my runs"
+    name = f"""it's "quoted" $(touch {tmp_path}/pwned1) `touch {tmp_path}/pwned2` #x"""
+    experiment = f"exp $(touch {tmp_path}/pwned3);echo `touch {tmp_path}/pwned4`"
+    env_value = f"$(touch {tmp_path}/pwned5)'\""
+    cluster = _cluster_file(tmp_path, more=f'EXTRA = {json.dumps(env_value)}')
+    script = _dry_run(capsys, "submit", RECIPE, "--nodes", "2", "--cluster", str(cluster), f"--run.output_dir={runs}",
+                      f"--run.name={name}", f"--tracking.experiment={experiment}", "--env", f"FOO={env_value}",
+                      "--partition", "p q'x", "--dry-run")
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    opts = _sbatch_options(script)
+    assert opts["output"] == f"{runs}/{name}/slurm/job-%j.out" and opts["partition"] == "p q'x"
+    assert opts["job-name"].startswith("vitpipe-it_s") and set(opts["job-name"]) <= set(
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
+
+    proc = _run_script(tmp_path, script, runs / name, status="FINISHED")
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.glob("pwned*"))
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    assert f"--tracking.experiment={experiment}" in args
+    assert f"--run.name={json.dumps(name)}" in args  # TOML string: the trainer reads the name back exactly
+    assert (tmp_path / "foo.env").read_text() == env_value
+    assert (runs / name / "slurm" / "attempt.json").is_file()  # the batch script found the run directory
+
+    from pipeline.config_io import load_config
+
+    cfg = load_config(ROOT / RECIPE, [a for a in args if a.startswith("--run.") or a.startswith("--tracking.")])
+    assert (cfg.run.name, cfg.tracking.experiment, cfg.run.output_dir) == (name, experiment, str(runs))
+
+
+def test_eval_and_prep_dry_runs(capsys, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text("")
+    cluster = str(_cluster_file(tmp_path))
+    out = _dry_run(capsys, "submit", "--eval", str(run_dir), "--split", "val", "--cluster", cluster, "--dry-run")
+    opts = _sbatch_options(out)
+    assert opts["nodes"] == "1" and opts["ntasks"] == "1" and opts["output"] == f"{run_dir}/slurm/eval-%j.out"
+    assert "EVAL_ARGS=(\n  --split=val\n)" in out and '-m vitpipe eval "$RUN_DIR"' in out
+
+    src, dest = tmp_path / "src dir", tmp_path / "out's"
+    out = _dry_run(capsys, "prep", "imagenet", "--src", str(src), "--out", str(dest), "--shard-size", "4", "--slurm",
+                   "--slurm-tasks", "3", "--slurm-throttle", "2", "--cluster", cluster, "--dry-run")
+    array, merge = out.split("#!/bin/bash")[1:]
+    assert _sbatch_options(array)["array"] == "0-2%2" and _sbatch_options(array)["output"] == \
+        f"{dest}/slurm/prep-%A_%a.out"
+    settings = array.split("# settings")[1].split("set -euo pipefail")[0]
+    shown = subprocess.run(["bash", "-c", settings + '\nprintf "%s\\n" "${PREP_ARGS[@]}"'], capture_output=True,
+                           text=True).stdout.splitlines()
+    assert shown[:3] == ["imagenet", "--out", str(dest)] and shown[shown.index("--src") + 1] == str(src)
+    assert "--slurm" not in shown and "--task-index" not in shown and "PREP_NO_MERGE=1" in array
+    assert "MERGE_ARGS=(" in merge and "#SBATCH --dependency" not in merge  # the dependency is added at submission
+
+
+def test_cluster_file_is_checked(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[slurm]\npartitoin = 'x'\n")
+    with pytest.raises(UserError, match="partitoin: unknown key"):
+        load_cluster(bad)
+    bad.write_text("[requeue]\nmax_requeues = 'many'\n")
+    with pytest.raises(UserError, match="expected int"):
+        load_cluster(bad)
+    bad.write_text("[env]\n'A-B' = '1'\n")
+    with pytest.raises(UserError, match="not valid"):
+        load_cluster(bad)
+    assert load_cluster(ROOT / "slurm" / "cluster.toml").requeue.max_requeues == 3
+
+
+WORKER = """\
+import os, signal, sys, time
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+open(os.path.join(sys.argv[1], "ready" + os.environ["RANK"]), "w").close()
+deadline = time.time() + 60
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)  # a second (forwarded twice) signal would arrive now
+open(os.path.join(sys.argv[1], "got" + os.environ["RANK"]), "w").write(str(len(got)))
+sys.exit(75 if got else 0)
+"""
+
+
+def _start(cmd: list[str], tmp_path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    return proc
+
+
+def test_task_wrapper_keeps_torchrun_alive_and_forwards_usr1(tmp_path: Path) -> None:
+    """torchrun's agent dies of SIGUSR1; under the wrapper it survives and each trainer gets the signal once."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker),
+                str(tmp_path)]
+    bare = _start(torchrun, tmp_path)
+    trainers = _children(bare.pid)
+    bare.send_signal(signal.SIGUSR1)
+    assert bare.wait(timeout=60) == -signal.SIGUSR1  # the pitfall: the agent itself is killed
+    time.sleep(1)
+    for pid in trainers:  # its orphaned trainers never heard of it; they would be killed with the step
+        assert Path(f"/proc/{pid}").exists() and not list(tmp_path.glob("got*"))
+        os.kill(pid, signal.SIGKILL)
+    for rank in (0, 1):
+        (tmp_path / f"ready{rank}").unlink()
+
+    wrapped = _start([sys.executable, "-m", "vitpipe.slurm_task", "run", "--", *torchrun], tmp_path)
+    wrapped.send_signal(signal.SIGUSR1)  # from this test process, not slurmstepd: the wrapper forwards it
+    assert wrapped.wait(timeout=60) == 1  # torchrun reports the trainers' 75 as its own failure
+    assert [(tmp_path / f"got{r}").read_text() for r in (0, 1)] == ["1", "1"]
+    assert "forwarding it to the trainers" in wrapped.stderr.read()
