@@ -24,6 +24,8 @@ def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
 
     Args:
         pixels: ``B×3×H×W`` or ``B×3×T×H×W`` uint8 (any device).
+        mean: Per-channel mean on the 0–1 scale.
+        std: Per-channel standard deviation on the 0–1 scale.
 
     Returns:
         Same shape, float32.
@@ -39,6 +41,8 @@ def one_hot_smooth(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
 
     Args:
         labels: ``B`` int64.
+        num_classes: K.
+        smoothing: ε.
 
     Returns:
         ``B×K`` float32; every row sums to 1.
@@ -128,7 +132,8 @@ class Mixup:
                 (top, bottom, left, right), lam = cutmix_box(x.shape[-2:], lam, rng)
                 x[..., top:bottom, left:right] = x.flip(0)[..., top:bottom, left:right]
             else:
-                x.mul_(lam).add_(x.flip(0).mul(1.0 - lam))
+                reversed_part = x.flip(0).mul_(1.0 - lam)  # a copy, taken before x is scaled in place
+                x.mul_(lam).add_(reversed_part)
         y = one_hot_smooth(labels, self.num_classes, self.smoothing)
         return x, y * lam + y.flip(0) * (1.0 - lam)
 
@@ -144,8 +149,8 @@ def cutmix_box(size: torch.Size | tuple[int, int], lam: float,
     ratio = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * ratio), int(width * ratio)
     cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
-    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height)
+    left, right = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width)
     return (top, bottom, left, right), 1.0 - (bottom - top) * (right - left) / float(height * width)
 
 

@@ -130,6 +130,10 @@ def epoch_plan(shards: list[Shard], sizes: list[int], *, seed: int, epoch: int, 
     Args:
         shards: All shards of the split (file order).
         sizes: Samples per shard.
+        seed: Run seed.
+        epoch: Epoch number.
+        rank: This rank.
+        world_size: Number of ranks.
         count: ``steps × batch``; taken from this epoch's shards, continuing into the next epoch's
             permutation when the rank's shards hold fewer.
 
@@ -175,7 +179,6 @@ def build_pipeline(cfg: DataCfg, source: object, *, train: bool, device: str, ba
         A built ``nvidia.dali.Pipeline`` with outputs ``(images 3×S×S uint8, labels 1 int64)`` per sample.
     """
     from nvidia.dali import fn, pipeline_def, types
-
     from nvidia.dali.auto_aug import rand_augment
 
     size = cfg.img_size
@@ -222,7 +225,8 @@ def build_pipeline(cfg: DataCfg, source: object, *, train: bool, device: str, ba
 @contextlib.contextmanager
 def _dali_deprecations_to_debug() -> Iterator[None]:
     """DALI 2.4's ``auto_aug`` calls its own deprecated ``fn.experimental`` aliases and forces the warnings
-    on (``simplefilter("default")`` inside DALI); they go to the debug log instead of the user's console."""
+    on (``simplefilter("default")`` inside DALI); they go to the debug log instead of the user's console.
+    """
     shown = warnings.showwarning
 
     def to_log(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202

@@ -126,14 +126,17 @@ class ShardStream(IterableDataset):
 
     @property
     def epoch(self) -> int:
+        """Epoch of the next iteration."""
         return int(self._state[0])
 
     @property
     def skip_batches(self) -> int:
+        """Batches of that epoch already consumed (resume)."""
         return int(self._state[1])
 
     @property
     def batch_size(self) -> int:
+        """The loader's batch size (to turn batches into samples)."""
         return int(self._state[2])
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
@@ -297,7 +300,16 @@ def build_train_loader(
     """Builds the training loader of one rank.
 
     Args:
+        dataset_dir: Directory written by ``vitpipe prep``.
+        split: Split to read.
         transform: Raw sample → input tensor (:func:`image_sample_fn` or a video sample function).
+        batch_size: Per-rank batch size.
+        num_workers: DataLoader worker processes (0: decode in this process).
+        rank: This rank.
+        world_size: Number of ranks.
+        seed: Run seed (with the epoch it fixes the order and the augmentation).
+        shuffle_buffer: Samples held by each worker's shuffle buffer.
+        persistent_workers: Keep the workers alive across epochs.
         resample: Allow fewer shards than ranks × workers by repeating shards within an epoch.
 
     Returns:

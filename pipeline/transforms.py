@@ -27,7 +27,7 @@ def to_uint8_chw(image: Any) -> torch.Tensor:
 
 
 def randaugment(config: str, img_size: int, mean: tuple[float, ...]) -> Callable[[Any], Any]:
-    """timm's RandAugment for ``config`` (e.g. ``rand-m9-mstd0.5-inc1``) with timm's hyper-parameters.
+    """Timm's RandAugment for ``config`` (e.g. ``rand-m9-mstd0.5-inc1``) with timm's hyper-parameters.
 
     Translation is relative to ``0.45 × img_size`` and the fill colour is the dataset mean, as in
     timm's ``transforms_imagenet_train``.
