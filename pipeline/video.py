@@ -281,18 +281,23 @@ def _as_tensor(clip: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """(T, 3, H, W) uint8 -> (T, 3, h, w) float32 on the 0-255 scale; no filtering when the size is unchanged."""
+    """(T, 3, H, W) uint8 -> (T, 3, h, w) uint8, antialiased; returned as is when the size is unchanged.
+
+    Resizing uint8 in channels-last layout is torch's fast CPU path (3-5× faster than float32).
+    """
     if tuple(x.shape[-2:]) == size:
-        return x.float()
-    out = F.interpolate(x.float(), size=size, mode=mode, align_corners=False, antialias=True)
-    return out.clamp_(0, 255)  # bicubic overshoots
+        return x
+    x = x.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
 
 
 def _normalize(x: torch.Tensor, spec: VideoSpec) -> torch.Tensor:
-    """(T, 3, S, S) float 0-255 -> (3, T, S, S) float32 ``(x/255 - mean) / std``."""
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
+    """(T, 3, S, S) uint8 -> (3, T, S, S) contiguous float32 ``(x/255 - mean) / std``."""
+    out = torch.empty((x.shape[1], x.shape[0], *x.shape[2:]), dtype=torch.float32)
+    out.copy_(x.permute(1, 0, 2, 3))
+    scale = 1.0 / (255.0 * torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1, 1))
+    shift = -torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1, 1) / torch.tensor(spec.std).view(3, 1, 1, 1)
+    return out.mul_(scale).add_(shift)
 
 
 def _short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
@@ -327,7 +332,7 @@ def rrc_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, floa
 
 
 def _train_crop(x: torch.Tensor, spec: VideoSpec, rng: np.random.Generator) -> torch.Tensor:
-    """One crop for the whole clip: (T, 3, H, W) uint8 -> (T, 3, S, S) float 0-255."""
+    """One crop for the whole clip: (T, 3, H, W) uint8 -> (T, 3, S, S) uint8."""
     s = spec.img_size
     h, w = x.shape[-2:]
     if spec.train_crop == "rrc":
@@ -372,7 +377,7 @@ def crop_offsets(length: int, size: int, crops: int) -> list[int]:
 
 
 def _eval_crops(x: torch.Tensor, spec: VideoSpec) -> list[torch.Tensor]:
-    """(T, 3, H, W) uint8 -> ``spatial_crops`` tensors (T, 3, S, S), float 0-255, along the long side."""
+    """(T, 3, H, W) uint8 -> ``spatial_crops`` tensors (T, 3, S, S) uint8, along the long side."""
     s = spec.img_size
     x = _resize(x, _short_side_size(*x.shape[-2:], spec.resize_eval), spec.interpolation)
     h, w = x.shape[-2:]

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 WebmBackend = Literal["auto", "dali", "pyav"]
 #: Frames between two wanted indices beyond which PyAV seeks again instead of decoding through.
-DEFAULT_SEEK_GAP = 32
+DEFAULT_SEEK_GAP = 16
 
 __all__ = ["DEFAULT_SEEK_GAP", "VideoDecodeError", "decode_frames", "dali_available", "media_format", "num_frames"]
 
