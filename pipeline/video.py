@@ -91,6 +91,8 @@ class VideoSpec:
     """VP9 decoder on CPU: ``"dali"``, ``"pyav"`` or ``"auto"`` (DALI when installed)."""
 
     def __post_init__(self) -> None:
+        for name in ("scale", "ratio", "short_side_range", "mean", "std"):  # TOML arrays arrive as lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         _require(self.frames >= 1, "frames", self.frames, ">= 1")
         _require(self.stride >= 1, "stride", self.stride, ">= 1")
         _require(self.sampling in ("dense", "segment"), "sampling", self.sampling, "'dense' or 'segment'")

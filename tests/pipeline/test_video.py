@@ -172,6 +172,8 @@ def test_video_spec_validation_and_recipes() -> None:
         VideoSpec(sampling="random")
     with pytest.raises(ValueError, match="short_side_range"):
         VideoSpec(img_size=224, short_side_range=(128, 320))
+    from_toml = VideoSpec(scale=[0.2, 1.0], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    assert from_toml.scale == (0.2, 1.0) and hash(from_toml) and VideoSpec(**from_toml.to_dict()) == from_toml
     ssv2 = video_spec("ssv2")
     assert (ssv2.sampling, ssv2.flip, ssv2.views) == ("segment", False, 3)
     assert video_spec("k400", frames=32).frames == 32 and video_spec("k400").views == 4
