@@ -114,6 +114,11 @@ class DataCfg:
     """Probability of mixing a batch at all when mixup or cutmix is on."""
     mixup_switch_prob: float = 0.5
     """Probability of CutMix rather than mixup when both are on."""
+    video: dict[str, Any] = field(default_factory=dict)
+    """Video data sets: clip sampling and views, the fields of :class:`pipeline.video.VideoSpec` (``frames``,
+    ``stride``, ``sampling`` = dense|segment, ``flip``, ``num_clips``, ``spatial_crops``, ...), optionally
+    starting from a named ``recipe`` (k400, ssv2, diving48, finegym). ``img_size``, ``mean``, ``std``,
+    ``crop_scale``/``crop_ratio`` (as scale/ratio) and ``hflip`` (> 0 = flip) come from this section."""
 
     def __post_init__(self) -> None:
         _check(self.img_size >= 8, "data.img_size", self.img_size, ">= 8")

@@ -18,11 +18,12 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from pipeline.augment import BatchAugment, Mixup, RandomErasing, normalize
-from pipeline.config import JobCfg
-from pipeline.data_wds import build_eval_loader, build_train_loader, image_sample_fn
+from pipeline.config import ConfigError, DataCfg, JobCfg
+from pipeline.data_wds import SampleFn, build_eval_loader, build_train_loader, image_sample_fn, read_split
 from pipeline.transforms import eval_transform, train_transform
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,67 @@ def batch_augment(cfg: JobCfg, num_classes: int) -> BatchAugment:
     return BatchAugment(d.mean, d.std, cfg.run.seed, erasing=erasing, mixup=mixup)
 
 
+def is_video(cfg: DataCfg) -> bool:
+    """Whether ``data.path`` holds a video data set (``dataset.json`` kind) or ``data.video`` is set."""
+    from data_prep.shard import load_dataset_info
+
+    return load_dataset_info(cfg.path).get("kind") == "video" or bool(cfg.video)
+
+
+def video_spec_of(cfg: DataCfg) -> Any:
+    """The :class:`~pipeline.video.VideoSpec` of ``data.video`` (recipe defaults, then the table's keys).
+
+    Raises:
+        ConfigError: For an unknown key or value, naming ``data.video``.
+    """
+    from pipeline.video import VIDEO_RECIPES, VideoSpec
+
+    table = dict(cfg.video)
+    recipe = table.pop("recipe", None)
+    if recipe is not None and recipe not in VIDEO_RECIPES:
+        raise ConfigError(f"data.video.recipe = {recipe!r}: must be one of {sorted(VIDEO_RECIPES)}")
+    # uint8 out: mean 0 and std 1/255 make the spec's normalisation the identity (the device normalises)
+    base = {"img_size": cfg.img_size, "scale": tuple(cfg.crop_scale), "ratio": tuple(cfg.crop_ratio),
+            "flip": cfg.hflip > 0, **VIDEO_RECIPES.get(recipe or "", {}), **table,
+            "mean": (0.0, 0.0, 0.0), "std": (1 / 255,) * 3}
+    try:
+        return VideoSpec(**base)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"data.video: {err}") from err
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def video_sample_fns(cfg: DataCfg) -> tuple[SampleFn, SampleFn]:
+    """Per-sample functions for video shards: ``(train, eval)``.
+
+    Training: sample ``T`` frame indices, decode only those, one crop and flip for the whole clip →
+    ``3×T×S×S`` uint8. Evaluation: every view (temporal clips × spatial crops) → ``V×3×T×S×S`` uint8.
+    The training draws come from torch's generator, which the loader seeds per sample.
+    """
+    from pipeline.video import load_eval_views, load_train_clip
+
+    spec = video_spec_of(cfg)
+
+    def train(sample: dict[str, Any]) -> torch.Tensor:
+        seed = int(torch.randint(0, 2**62, ()).item())
+        return _to_uint8(load_train_clip(sample, spec, np.random.default_rng(seed)))
+
+    def evaluate(sample: dict[str, Any]) -> torch.Tensor:
+        return _to_uint8(load_eval_views(sample, spec))
+
+    return train, evaluate
+
+
+def sample_fns(cfg: DataCfg) -> tuple[SampleFn, SampleFn]:
+    """The ``wds`` backend's per-sample ``(train, eval)`` functions for this data set (image or video)."""
+    if is_video(cfg):
+        return video_sample_fns(cfg)
+    return image_sample_fn(train_transform(cfg)), image_sample_fn(eval_transform(cfg))
+
+
 def build_eval(cfg: JobCfg, split: str, *, rank: int, world_size: int, device: torch.device) -> EvalBatches:
     """This rank's evaluation batches of ``split`` (every sample once over all ranks) on ``device``."""
     d = cfg.data
@@ -110,7 +172,7 @@ def build_eval(cfg: JobCfg, split: str, *, rank: int, world_size: int, device: t
 
         loader: Any = DaliLoader(d, split, batch_size=batch, seed=0, train=False, rank=rank, world_size=world_size)
     else:
-        loader = build_eval_loader(d.path, split, image_sample_fn(eval_transform(d)), batch_size=batch,
+        loader = build_eval_loader(d.path, split, sample_fns(d)[1], batch_size=batch,
                                    num_workers=d.num_workers, rank=rank, world_size=world_size)
     return EvalBatches(loader, device, d.mean, d.std)
 
@@ -123,7 +185,11 @@ def build_loaders(cfg: JobCfg, *, rank: int, world_size: int, device: torch.devi
         ``(train, eval)`` iterables of batch-contract dicts on ``device``.
     """
     d = cfg.data
+    read_split(d.path, d.train_split)  # a clear error for a missing data set or split, before any work
     if d.backend == "dali":
+        if is_video(d):
+            raise ConfigError("data.backend = 'dali': video data sets are read by the 'wds' backend in this "
+                              "version (DALI GPU video decoding is not wired in yet); use data.backend = 'wds'")
         from pipeline.data_dali import DaliLoader
 
         train: Any = DaliLoader(d, d.train_split, batch_size=d.batch_size, seed=cfg.run.seed, train=True,
@@ -131,7 +197,7 @@ def build_loaders(cfg: JobCfg, *, rank: int, world_size: int, device: torch.devi
         logger.info("dali loader on %s: %d steps/epoch per rank", train.device, train.steps_per_epoch)
     else:
         train = build_train_loader(
-            d.path, d.train_split, image_sample_fn(train_transform(d)), batch_size=d.batch_size,
+            d.path, d.train_split, sample_fns(d)[0], batch_size=d.batch_size,
             num_workers=d.num_workers, seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer,
             persistent_workers=d.persistent_workers, resample=d.resample_shards, rank=rank, world_size=world_size)
     evals = build_eval(cfg, d.val_split, rank=rank, world_size=world_size, device=device)

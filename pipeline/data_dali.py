@@ -224,8 +224,10 @@ def build_pipeline(cfg: DataCfg, source: object, *, train: bool, device: str, ba
 
 @contextlib.contextmanager
 def _dali_deprecations_to_debug() -> Iterator[None]:
-    """DALI 2.4's ``auto_aug`` calls its own deprecated ``fn.experimental`` aliases and forces the warnings
-    on (``simplefilter("default")`` inside DALI); they go to the debug log instead of the user's console.
+    """Sends DALI's own deprecation warnings to the debug log while a graph is traced.
+
+    DALI 2.4's ``auto_aug`` calls its deprecated ``fn.experimental`` aliases and forces the warnings on
+    (``simplefilter("default")`` inside DALI), so warning filters cannot silence them.
     """
     shown = warnings.showwarning
 
