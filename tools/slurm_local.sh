@@ -94,7 +94,9 @@ daemon_running() {
   pid_alive "$pid" && cmd_matches "$1" "$pid"
 }
 
-recorded_names() { [[ -f $PIDS/order ]] && cat "$PIDS/order" || true; }
+recorded_names() {
+  if [[ -f $PIDS/order ]]; then cat "$PIDS/order"; fi
+}
 
 # True if something listens on TCP port $1 (IPv4 or IPv6); reads /proc, so no iproute2 needed.
 port_in_use() {
