@@ -293,8 +293,10 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
 
 
-def _normalize(x: torch.Tensor, spec: VideoSpec) -> torch.Tensor:
-    """(T, 3, S, S) uint8 -> (3, T, S, S) contiguous float32 ``(x/255 - mean) / std``."""
+def _finish(x: torch.Tensor, spec: VideoSpec, normalize: bool) -> torch.Tensor:
+    """(T, 3, S, S) uint8 -> (3, T, S, S) contiguous: float32 ``(x/255 - mean) / std``, or uint8 as is."""
+    if not normalize:
+        return x.permute(1, 0, 2, 3).contiguous()
     out = torch.empty((x.shape[1], x.shape[0], *x.shape[2:]), dtype=torch.float32)
     out.copy_(x.permute(1, 0, 2, 3))
     scale = 1.0 / (255.0 * torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1, 1))
@@ -347,7 +349,8 @@ def _train_crop(x: torch.Tensor, spec: VideoSpec, rng: np.random.Generator) -> t
     return x[..., top : top + s, left : left + s]
 
 
-def train_augment(clip: np.ndarray | torch.Tensor, spec: VideoSpec, rng: np.random.Generator) -> torch.Tensor:
+def train_augment(clip: np.ndarray | torch.Tensor, spec: VideoSpec, rng: np.random.Generator, *,
+                  normalize: bool = True) -> torch.Tensor:
     """Training augmentation, identical on every frame: one crop, one flip decision, normalisation.
 
     Draw order from ``rng``: the crop (``rrc_box``, or short side then top then left), then one
@@ -358,14 +361,15 @@ def train_augment(clip: np.ndarray | torch.Tensor, spec: VideoSpec, rng: np.rand
         clip: (T, H, W, 3) uint8 RGB frames.
         spec: Crop mode and ranges, ``img_size``, ``flip``, mean/std.
         rng: Per-sample generator (the loader seeds it from the sample's seed).
+        normalize: False returns the uint8 pixels (for loaders that normalise on the device).
 
     Returns:
-        float32 tensor of shape (3, T, S, S), ``S = spec.img_size``.
+        float32 tensor of shape (3, T, S, S), ``S = spec.img_size`` (uint8 when ``normalize`` is False).
     """
     x = _train_crop(_as_tensor(clip), spec, rng)
     if rng.random() < 0.5 and spec.flip:
         x = x.flip(-1)
-    return _normalize(x, spec)
+    return _finish(x, spec, normalize)
 
 
 def crop_offsets(length: int, size: int, crops: int) -> list[int]:
@@ -390,17 +394,18 @@ def _eval_crops(x: torch.Tensor, spec: VideoSpec) -> list[torch.Tensor]:
     return [x[..., top : top + s, left : left + s] for top in crop_offsets(h, s, spec.spatial_crops)]
 
 
-def eval_augment(clip: np.ndarray | torch.Tensor, spec: VideoSpec) -> torch.Tensor:
+def eval_augment(clip: np.ndarray | torch.Tensor, spec: VideoSpec, *, normalize: bool = True) -> torch.Tensor:
     """Evaluation single view: resize the short side to ``spec.resize_eval``, centre crop, normalise.
 
     Args:
         clip: (T, H, W, 3) uint8 RGB frames.
         spec: ``img_size``, ``eval_short_side``, mean/std.
+        normalize: False returns uint8 pixels.
 
     Returns:
-        float32 tensor of shape (3, T, S, S).
+        float32 (or uint8) tensor of shape (3, T, S, S).
     """
-    return eval_views(torch.as_tensor(clip)[None], _one_view(spec))[0]
+    return eval_views(torch.as_tensor(clip)[None], _one_view(spec), normalize=normalize)[0]
 
 
 def _one_view(spec: VideoSpec) -> VideoSpec:
@@ -409,7 +414,7 @@ def _one_view(spec: VideoSpec) -> VideoSpec:
     return VideoSpec(**{**spec.to_dict(), "spatial_crops": 1})
 
 
-def eval_views(clips: np.ndarray | torch.Tensor, spec: VideoSpec) -> torch.Tensor:
+def eval_views(clips: np.ndarray | torch.Tensor, spec: VideoSpec, *, normalize: bool = True) -> torch.Tensor:
     """Multi-view evaluation: every temporal clip × ``spec.spatial_crops`` spatial crops.
 
     View ``v = c · spatial_crops + j`` is clip ``c`` with crop ``j`` (0 = left/top, 1 = centre,
@@ -418,21 +423,23 @@ def eval_views(clips: np.ndarray | torch.Tensor, spec: VideoSpec) -> torch.Tenso
     Args:
         clips: (C, T, H, W, 3) uint8, the decoded frames of ``C`` temporal clips.
         spec: ``spatial_crops``, ``img_size``, ``eval_short_side``, mean/std.
+        normalize: False returns uint8 pixels.
 
     Returns:
-        float32 tensor of shape (C · spatial_crops, 3, T, S, S).
+        float32 (or uint8) tensor of shape (C · spatial_crops, 3, T, S, S).
     """
     clips = torch.as_tensor(clips)
     if clips.ndim != 5:
         raise ValueError(f"expected (C, T, H, W, 3) clips, got {tuple(clips.shape)}")
-    views = [_normalize(crop, spec) for clip in clips for crop in _eval_crops(_as_tensor(clip), spec)]
+    views = [_finish(crop, spec, normalize) for clip in clips for crop in _eval_crops(_as_tensor(clip), spec)]
     return torch.stack(views)
 
 
 # ---------------------------------------------------------------- one sample
 
 
-def load_train_clip(sample: Mapping[str, Any], spec: VideoSpec, rng: np.random.Generator | int) -> torch.Tensor:
+def load_train_clip(sample: Mapping[str, Any], spec: VideoSpec, rng: np.random.Generator | int, *,
+                    normalize: bool = True) -> torch.Tensor:
     """Sample, decode and augment one training clip from a raw WebDataset sample.
 
     Args:
@@ -440,9 +447,10 @@ def load_train_clip(sample: Mapping[str, Any], spec: VideoSpec, rng: np.random.G
         spec: The recipe.
         rng: Generator, or an integer seed for ``numpy.random.default_rng`` (the loader's per-sample seed).
             Indices are drawn first, then the augmentation.
+        normalize: False returns uint8 pixels (for loaders that normalise on the device).
 
     Returns:
-        float32 tensor of shape (3, T, S, S).
+        float32 (or uint8) tensor of shape (3, T, S, S).
 
     Raises:
         VideoDecodeError: If the sample cannot be decoded.
@@ -450,18 +458,23 @@ def load_train_clip(sample: Mapping[str, Any], spec: VideoSpec, rng: np.random.G
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     idx = sample_indices(num_frames(sample), spec, train=True, rng=rng)
     clip = decode_frames(sample, idx, webm_backend=spec.webm_backend)
-    return train_augment(clip, spec, rng)
+    return train_augment(clip, spec, rng, normalize=normalize)
 
 
-def load_eval_views(sample: Mapping[str, Any], spec: VideoSpec) -> torch.Tensor:
+def load_eval_views(sample: Mapping[str, Any], spec: VideoSpec, *, normalize: bool = True) -> torch.Tensor:
     """Decode the ``num_clips`` evaluation clips of one sample (each frame once) and make all views.
 
+    Args:
+        sample: Raw sample (see :func:`decode_frames`).
+        spec: The recipe.
+        normalize: False returns uint8 pixels.
+
     Returns:
-        float32 tensor of shape (num_clips · spatial_crops, 3, T, S, S).
+        float32 (or uint8) tensor of shape (num_clips · spatial_crops, 3, T, S, S).
 
     Raises:
         VideoDecodeError: If the sample cannot be decoded.
     """
     idx = sample_indices(num_frames(sample), spec, train=False)
     clips = decode_frames(sample, idx, webm_backend=spec.webm_backend)  # (C, T, H, W, 3)
-    return eval_views(clips, spec)
+    return eval_views(clips, spec, normalize=normalize)

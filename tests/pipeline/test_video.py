@@ -345,6 +345,18 @@ def test_three_crops_along_the_long_side(h: int, w: int, axis: str) -> None:
         torch.testing.assert_close(px[v], torch.from_numpy(window).permute(3, 0, 1, 2).float(), atol=1e-3, rtol=0)
 
 
+def test_uint8_output_for_device_normalisation() -> None:
+    spec = VideoSpec(img_size=32, spatial_crops=3)
+    clip = still_clip(4, h=40, w=64)
+    raw = train_augment(clip, spec, np.random.default_rng(5), normalize=False)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 4, 32, 32) and raw.is_contiguous()
+    norm = train_augment(clip, spec, np.random.default_rng(5))
+    torch.testing.assert_close(denorm(norm, spec), raw.float(), atol=1e-3, rtol=0)
+    views = eval_views(clip[None], spec, normalize=False)
+    assert views.dtype == torch.uint8 and views.shape == (3, 3, 4, 32, 32)
+    torch.testing.assert_close(denorm(eval_views(clip[None], spec), spec), views.float(), atol=1e-3, rtol=0)
+
+
 def test_eval_resizes_short_side_first() -> None:
     spec = VideoSpec(img_size=16, eval_short_side=24)
     out = eval_augment(still_clip(2, 48, 96), spec)  # -> 24 × 48, centre 16 × 16
