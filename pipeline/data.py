@@ -121,18 +121,13 @@ def video_spec_of(cfg: DataCfg) -> Any:
     recipe = table.pop("recipe", None)
     if recipe is not None and recipe not in VIDEO_RECIPES:
         raise ConfigError(f"data.video.recipe = {recipe!r}: must be one of {sorted(VIDEO_RECIPES)}")
-    # uint8 out: mean 0 and std 1/255 make the spec's normalisation the identity (the device normalises)
     base = {"img_size": cfg.img_size, "scale": tuple(cfg.crop_scale), "ratio": tuple(cfg.crop_ratio),
-            "flip": cfg.hflip > 0, **VIDEO_RECIPES.get(recipe or "", {}), **table,
-            "mean": (0.0, 0.0, 0.0), "std": (1 / 255,) * 3}
+            "flip": cfg.hflip > 0, "mean": tuple(cfg.mean), "std": tuple(cfg.std),
+            **VIDEO_RECIPES.get(recipe or "", {}), **table}
     try:
         return VideoSpec(**base)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"data.video: {err}") from err
-
-
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def video_sample_fns(cfg: DataCfg) -> tuple[SampleFn, SampleFn]:
@@ -148,10 +143,10 @@ def video_sample_fns(cfg: DataCfg) -> tuple[SampleFn, SampleFn]:
 
     def train(sample: dict[str, Any]) -> torch.Tensor:
         seed = int(torch.randint(0, 2**62, ()).item())
-        return _to_uint8(load_train_clip(sample, spec, np.random.default_rng(seed)))
+        return load_train_clip(sample, spec, np.random.default_rng(seed), normalize=False)
 
     def evaluate(sample: dict[str, Any]) -> torch.Tensor:
-        return _to_uint8(load_eval_views(sample, spec))
+        return load_eval_views(sample, spec, normalize=False)
 
     return train, evaluate
 
@@ -187,9 +182,6 @@ def build_loaders(cfg: JobCfg, *, rank: int, world_size: int, device: torch.devi
     d = cfg.data
     read_split(d.path, d.train_split)  # a clear error for a missing data set or split, before any work
     if d.backend == "dali":
-        if is_video(d):
-            raise ConfigError("data.backend = 'dali': video data sets are read by the 'wds' backend in this "
-                              "version (DALI GPU video decoding is not wired in yet); use data.backend = 'wds'")
         from pipeline.data_dali import DaliLoader
 
         train: Any = DaliLoader(d, d.train_split, batch_size=d.batch_size, seed=cfg.run.seed, train=True,

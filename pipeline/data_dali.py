@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.shard import load_dataset_info
 from pipeline.config import DataCfg
 from pipeline.data_wds import LoaderError, Shard, check_shards, epoch_shard_order, read_split, steps_per_epoch
 
@@ -101,16 +102,20 @@ class SampleReader:
             self._fds[shard] = os.open(self.shards[shard].path, os.O_RDONLY)
         return self._fds[shard]
 
-    def read(self, refs: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """``refs`` is ``n×2`` (shard, sample); returns the encoded images and the ``1``-element labels."""
-        images, labels = [], []
+    def read_raw(self, refs: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``refs`` is ``n×2`` (shard, sample); returns the bytes of each sample's two indexed ranges."""
+        first, second = [], []
         for shard, sample in refs:
             fd, idx = self._fd(int(shard)), self.shards[int(shard)]
-            offset, size = idx.image[sample]
-            images.append(np.frombuffer(os.pread(fd, int(size), int(offset)), dtype=np.uint8))
-            offset, size = idx.label[sample]
-            labels.append(np.frombuffer(os.pread(fd, int(size), int(offset)), dtype="<i8").astype(np.int64))
-        return images, labels
+            for ranges, out in ((idx.image, first), (idx.label, second)):
+                offset, size = ranges[sample]
+                out.append(np.frombuffer(os.pread(fd, int(size), int(offset)), dtype=np.uint8))
+        return first, second
+
+    def read(self, refs: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``refs`` is ``n×2`` (shard, sample); returns the encoded images and the ``1``-element labels."""
+        images, labels = self.read_raw(refs)
+        return images, [raw.view("<i8").astype(np.int64) for raw in labels]
 
     def close(self) -> None:
         """Closes the open shard files."""
@@ -241,6 +246,17 @@ def _dali_deprecations_to_debug() -> Iterator[None]:
         warnings.showwarning = shown
 
 
+def _check_video_codec(codec: str, device: str) -> None:
+    """Refuses, up front, video shards that this DALI backend cannot decode."""
+    if codec == "jpeg":
+        raise LoaderError("data.backend = 'dali' reads mp4/webm video shards; JPEG frame sequences are read by "
+                          "data.backend = 'wds' (it decodes only the sampled frames)")
+    if codec == "h264" and device == "cpu":
+        raise LoaderError("DALI's CPU backend cannot decode H.264 (the PyPI wheel has VP8/VP9/MJPEG only): use "
+                          "data.backend = 'wds' (PyAV), a GPU (data.dali_device = 'gpu'), or VP9 shards "
+                          "(vitpipe prep ... --codec vp9)")
+
+
 class _Feed:
     """The external source: yields the planned batches, then stops the epoch."""
 
@@ -270,10 +286,21 @@ class DaliLoader:
         self.device = resolve_device(cfg)
         self.device_id = torch.cuda.current_device() if self.device == "gpu" else None
         self.epoch, self.skip = 0, 0
+        self.video_spec = None
+        info = load_dataset_info(cfg.path)
+        if info.get("kind") == "video":
+            from pipeline.data import video_spec_of
+
+            self.video_spec = video_spec_of(cfg)
+            _check_video_codec(info.get("options", {}).get("codec", ""), self.device)
 
     @cached_property
     def reader(self) -> SampleReader:
         """Byte ranges of every shard of the split (read once)."""
+        if self.video_spec is not None:
+            from pipeline.data_dali_video import VideoShardIndex
+
+            return SampleReader([VideoShardIndex.load(s) for s in self.shards])
         return SampleReader([ShardIndex.load(s) for s in self.shards])
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -297,6 +324,19 @@ class DaliLoader:
                           world_size=self.world_size, count=self.steps_per_epoch * self.batch_size)
         return plan[self.skip * self.batch_size:]
 
+    def _pipeline(self, plan: np.ndarray, seed: int) -> object:
+        if self.video_spec is None:
+            return build_pipeline(self.cfg, _Feed(self.reader, plan, self.batch_size), train=self.train,
+                                  device=self.device, batch_size=self.batch_size, seed=seed,
+                                  device_id=self.device_id)
+        from pipeline.data_dali_video import VideoFeed, build_video_pipeline
+
+        feed = VideoFeed(self.reader, plan, self.batch_size, self.video_spec, train=self.train,
+                         seed=(self.seed, self.epoch, self.rank), first=self.skip * self.batch_size)
+        return build_video_pipeline(self.video_spec, feed, train=self.train, device=self.device,
+                                    batch_size=self.batch_size, threads=self.cfg.dali_threads, seed=seed,
+                                    device_id=self.device_id)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -304,8 +344,7 @@ class DaliLoader:
         if not len(plan):
             return
         seed = _seed(self.seed, self.epoch, self.rank, self.skip) if self.train else 0
-        pipe = build_pipeline(self.cfg, _Feed(self.reader, plan, self.batch_size), train=self.train,
-                              device=self.device, batch_size=self.batch_size, seed=seed, device_id=self.device_id)
+        pipe = self._pipeline(plan, seed)
         batches = DALIGenericIterator([pipe], ["input", "label"], auto_reset=False,
                                       last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
         try:

@@ -1,0 +1,144 @@
+"""DALI video: decode the sampled frames from the tar bytes (NVDEC on the GPU), crop and flip per clip.
+
+Shares :mod:`pipeline.data_dali`'s plan (order, rank split, resume) and :mod:`pipeline.video`'s frame
+samplers, so a clip's frame indices are the same whichever backend reads it. Per sample, Python reads
+the encoded ``mp4``/``webm`` bytes and the ``json`` frame count through the index, draws the indices,
+and feeds both to ``fn.decoders.video(frames=...)``:
+
+* training: one random-resized crop (``data.crop_scale``/``crop_ratio``, the same for every frame) to
+  ``S×S``, one flip decision per clip (none when ``video.flip`` is false), → ``3×T×S×S`` uint8;
+* evaluation: ``num_clips × T`` frames decoded at once, short side resized to ``eval_short_side``
+  (or ``S``), ``spatial_crops`` crops along the long side → ``V×3×T×S×S`` uint8, view ``v = c·K + j``
+  as in :func:`pipeline.video.eval_views`.
+
+Codecs: on the GPU (``mixed``) H.264, HEVC, VP8/VP9, AV1; DALI's CPU backend decodes VP8/VP9/MJPEG
+only, so H.264 shards on a machine without a GPU need ``data.backend = 'wds'`` (PyAV), and JPEG
+frame sequences are always read by ``wds`` (which decodes only the sampled frames).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from pipeline.data_dali import SampleReader, ShardIndex, read_index
+from pipeline.data_wds import LoaderError, Shard
+
+VIDEO_EXTS = ("mp4", "webm")
+
+
+class VideoShardIndex(ShardIndex):
+    """Byte ranges of one shard's encoded videos (``image`` holds the video's range) and json metadata."""
+
+    @classmethod
+    def load(cls, shard: Shard) -> VideoShardIndex:
+        """Reads the ``.idx`` beside a shard's tar (``mp4`` or ``webm`` samples)."""
+        entries = read_index(os.path.splitext(shard.url)[0] + ".idx")
+        if len(entries) != shard.num_samples:
+            raise LoaderError(f"{shard.url}: index lists {len(entries)} samples, dataset.json {shard.num_samples}")
+        videos, meta = [], []
+        for entry in entries:
+            ext = next((e for e in VIDEO_EXTS if e in entry), None)
+            if ext is None or "json" not in entry:
+                raise LoaderError(f"{shard.url}: samples have {sorted(entry)}; the dali backend reads mp4/webm "
+                                  "video shards (JPEG frame sequences: use data.backend = 'wds')")
+            videos.append(entry[ext])
+            meta.append(entry["json"])
+        return cls(shard.url, np.array(videos, np.int64), np.array(meta, np.int64))
+
+
+class VideoFeed:
+    """External source: per sample the encoded video, its frame indices and its label.
+
+    Args:
+        reader: Byte access to the shards (``label`` ranges hold the json metadata).
+        plan: ``N×2`` (shard, sample) of this epoch, from the resume position on.
+        batch_size: Samples per batch.
+        spec: The :class:`~pipeline.video.VideoSpec` (sampling rule, T, τ, clips).
+        train: Random (training) or fixed (evaluation) frame indices.
+        seed: Seeds the training draws with the sample's position: ``(seed, position)``.
+        first: Position of ``plan[0]`` in the epoch (the resume offset in samples).
+    """
+
+    def __init__(self, reader: SampleReader, plan: np.ndarray, batch_size: int, spec: Any, *, train: bool,
+                 seed: tuple[int, ...], first: int) -> None:
+        self.reader, self.plan, self.batch_size, self.spec = reader, plan, batch_size, spec
+        self.train, self.seed, self.first, self.next = train, seed, first, 0
+
+    def indices(self, meta: dict[str, Any], position: int) -> np.ndarray:
+        """The sample's frame indices, int32 ``(T,)`` in training, ``(C·T,)`` in evaluation."""
+        from pipeline.video import sample_indices
+
+        n = int(meta["frames"])
+        rng = np.random.default_rng([*self.seed, position]) if self.train else None
+        return sample_indices(n, self.spec, train=self.train, rng=rng).reshape(-1).astype(np.int32)
+
+    def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """The next batch: encoded videos, frame indices, labels (``StopIteration`` after the plan)."""
+        start = self.next * self.batch_size
+        if start >= len(self.plan):
+            raise StopIteration
+        self.next += 1
+        refs = self.plan[start:start + self.batch_size]
+        videos, metas = self.reader.read_raw(refs)
+        frames, labels = [], []
+        for i, raw in enumerate(metas):
+            meta = json.loads(raw.tobytes())
+            frames.append(self.indices(meta, self.first + start + i))
+            labels.append(np.array([int(meta["label"])], np.int64))
+        return videos, frames, labels
+
+
+def build_video_pipeline(spec: Any, source: VideoFeed, *, train: bool, device: str, batch_size: int,
+                         threads: int, seed: int, device_id: int | None) -> Any:
+    """Builds the DALI video graph for one epoch.
+
+    Returns:
+        A built pipeline with outputs ``(clips, labels)``: ``3×T×S×S`` uint8 in training,
+        ``V×3×T×S×S`` uint8 in evaluation; labels ``1`` int64.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    size, decode_dev = spec.img_size, "mixed" if device == "gpu" else "cpu"
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=2)
+    def graph():  # noqa: ANN202 - DALI graph
+        encoded, frames, labels = fn.external_source(source=source, num_outputs=3, batch=True,
+                                                     dtype=[types.UINT8, types.INT32, types.INT64])
+        clips = fn.decoders.video(encoded, device=decode_dev, frames=frames, pad_mode="edge")  # F×H×W×3
+        if train:
+            clips = fn.random_resized_crop(clips, size=[size, size], random_area=list(spec.scale),
+                                           random_aspect_ratio=list(spec.ratio), interp_type=types.INTERP_LINEAR,
+                                           antialias=True)
+            if spec.flip:
+                clips = fn.flip(clips, horizontal=fn.random.coin_flip(probability=0.5))
+            clips = fn.transpose(clips, perm=[3, 0, 1, 2], output_layout="CFHW")
+        else:
+            clips = _eval_views(fn, types, clips, spec)
+        return clips, labels.gpu() if device == "gpu" else labels
+
+    pipe = graph()
+    pipe.build()
+    return pipe
+
+
+def _eval_views(fn: Any, types: Any, clips: Any, spec: Any) -> Any:
+    """``(C·T)×H×W×3`` → ``V×3×T×S×S``: short-side resize, ``K`` crops along the long side, views ``c·K + j``."""
+    size, crops = spec.img_size, spec.spatial_crops
+    clips = fn.resize(clips, resize_shorter=spec.resize_eval, interp_type=types.INTERP_LINEAR, antialias=True)
+    shape = clips.shape(dtype=types.FLOAT)  # (C·T, H, W, 3)
+    wide = shape[2] > shape[1]  # crops move along the long side; the short side stays centred
+    positions = [0.5] if crops == 1 else [0.0, 0.5, 1.0]
+    views = []
+    for p in positions:
+        along_x = 0.5 + (p - 0.5) * fn.cast(wide, dtype=types.FLOAT)
+        along_y = 0.5 + (p - 0.5) * (1.0 - fn.cast(wide, dtype=types.FLOAT))
+        views.append(fn.crop(clips, crop=[size, size], crop_pos_x=along_x, crop_pos_y=along_y))
+    stacked = fn.stack(*views, axis=0)  # K×(C·T)×S×S×3
+    stacked = fn.reshape(stacked, shape=[crops, spec.num_clips, spec.frames, size, size, 3])
+    views = fn.transpose(stacked, perm=[1, 0, 5, 2, 3, 4])  # C×K×3×T×S×S
+    return fn.reshape(views, shape=[spec.num_clips * crops, 3, spec.frames, size, size])
