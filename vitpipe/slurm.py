@@ -4,8 +4,9 @@ A template in ``slurm/`` is a bash script with three placeholder comment lines, 
 the script is rendered:
 
 * ``#@vitpipe sbatch@``: the ``#SBATCH`` options. Slurm reads these lines with its own small parser
-  (whitespace separates, quotes group, a backslash escapes the next character, ``#`` starts a
-  comment), so every character of a value outside a plain set is backslash-escaped.
+  (unquoted whitespace separates, quotes group, a backslash escapes the next character, an unquoted
+  ``#`` starts a comment), so a value with any character outside a plain set is written in double
+  quotes with its backslashes and double quotes escaped.
 * ``#@vitpipe settings@``: shell variable assignments (the job's recipe, overrides, run directory...),
   every value through :func:`shlex.quote`, lists as bash arrays.
 * ``#@vitpipe setup@``: the cluster's environment set-up: ``module load``, the ``setup`` lines of the
@@ -197,14 +198,19 @@ def check_env_name(name: str) -> str:
 
 # ------------------------------------------------------------------------------------------- quoting
 def sbatch_escape(value: str) -> str:
-    """Escapes a value for an ``#SBATCH`` line: a backslash before every character but letters, digits, ``_./:@%+,=-``.
+    """Writes a value for an ``#SBATCH`` line: as it is when plain, else double-quoted with escapes.
+
+    In the quoted form backslashes and double quotes get a backslash; a backslash alone cannot protect
+    whitespace, since Slurm's parser ends an argument at unquoted whitespace even after one.
 
     Raises:
         UserError: For a value with a line break (it cannot be written on one line).
     """
     if "\n" in value or "\r" in value:
         raise UserError(f"{value!r}: a line break cannot go into an #SBATCH option")
-    return "".join(c if _SBATCH_PLAIN.fullmatch(c) else "\\" + c for c in value)
+    if value and all(_SBATCH_PLAIN.fullmatch(c) for c in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def sbatch_line(option: str, value: str | int | None = None) -> str:

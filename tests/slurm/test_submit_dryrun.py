@@ -50,23 +50,25 @@ def _dry_run(capsys: pytest.CaptureFixture, *args: str) -> str:
 
 def _sbatch_value(line: str) -> str:
     """The option value of an ``#SBATCH --opt=value`` line as Slurm's ``_get_argument`` reads it (sbatch/opt.c)."""
-    text, arg, quote, escape = line.removeprefix("#SBATCH").lstrip(), "", None, False
-    for c in text:
+    text, arg, quote, escape, i = line.removeprefix("#SBATCH").lstrip(), "", None, False, 0
+    while i < len(text) and (quote or not text[i].isspace()):
+        c, i = text[i], i + 1
         if escape:
-            arg, escape = arg + c, False
+            escape = False
         elif c == "\\":
             escape = True
+            continue
         elif quote:
             if c == quote:
                 quote = None
-            else:
-                arg += c
+                continue
         elif c in "\"'":
             quote = c
-        elif c == "#" or c.isspace():
+            continue
+        elif c == "#":
             break
-        else:
-            arg += c
+        arg += c
+    assert quote is None, line
     return arg.partition("=")[2]
 
 
