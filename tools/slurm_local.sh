@@ -529,17 +529,21 @@ cmd_start() {
   fresh_state_dir
   hosts_add
   mkdir -p "$CONF_DIR"
-  log "starting: $NODES nodes, accounting=$ACCOUNTING, state dir $STATE"
+  log "starting: $NODES nodes, accounting=$ACCOUNTING, state dir $STATE ($(since "$t0"))"
   start_munge
+  log "munged ready ($(since "$t0"))"
   write_slurm_conf
   write_gres_conf
   if [[ $ACCOUNTING == 1 ]]; then
     start_mariadb
+    log "mariadbd ready ($(since "$t0"))"
     start_slurmdbd
+    log "slurmdbd ready ($(since "$t0"))"
   else
     remove_generated slurmdbd.conf
   fi
   start_slurm
+  log "slurmctld and $NODES slurmd ready ($(since "$t0"))"
   sanity_job
   trap - EXIT
   log "ready in $(since "$t0"); stop with: $0 stop --purge"

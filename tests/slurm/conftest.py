@@ -312,7 +312,11 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     try:
         if _leftover(state):  # a crashed earlier session; the lock says nobody else is using it
             _script("stop", "--purge", env=script_env, timeout=STOP_TIMEOUT_S)
-        proc = _script("start", env=script_env, timeout=START_TIMEOUT_S)
+        try:
+            proc = _script("start", env=script_env, timeout=START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _script("stop", "--purge", env=script_env, timeout=STOP_TIMEOUT_S)
+            pytest.fail(f"tools/slurm_local.sh start did not finish within {START_TIMEOUT_S:.0f} s")
         if proc.returncode == EXIT_NO_PACKAGES:
             pytest.skip(f"Slurm packages are missing and cannot be installed: {_tail(proc, 5)}")
         lines = proc.stdout.strip().splitlines()
