@@ -130,6 +130,13 @@ def video_spec_of(cfg: DataCfg) -> Any:
         raise ConfigError(f"data.video: {err}") from err
 
 
+def input_shape(cfg: DataCfg) -> tuple[int, ...]:
+    """One training sample's input shape: ``(3, S, S)`` for images, ``(3, T, S, S)`` for video."""
+    if is_video(cfg):
+        return (3, video_spec_of(cfg).frames, cfg.img_size, cfg.img_size)
+    return (3, cfg.img_size, cfg.img_size)
+
+
 def video_sample_fns(cfg: DataCfg) -> tuple[SampleFn, SampleFn]:
     """Per-sample functions for video shards: ``(train, eval)``.
 

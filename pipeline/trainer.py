@@ -28,7 +28,7 @@ from model.visualize import has_pictures, render_pictures
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, JobCfg
 from pipeline.config_io import dump_toml, flatten
-from pipeline.data import build_loaders
+from pipeline.data import build_loaders, input_shape
 from pipeline.data_wds import read_split
 from pipeline.dist import all_reduce_sum, broadcast_object
 from pipeline.engine import build_accelerator, deepspeed_config, input_dtype
@@ -134,9 +134,8 @@ class Trainer:
         net = create_model(m.name, num_classes=m.num_classes or len(self.classes), img_size=self.cfg.data.img_size,
                            drop_path_rate=m.drop_path_rate, **m.kwargs)
         self.num_params = count_params(net)
-        size = self.cfg.data.img_size
-        self.flops_per_sample = count_flops(net, torch.zeros(1, 3, size, size))  # forward
-        logger.info("model %s: %.3f M parameters, %.3f GFLOPs per image", m.name, self.num_params / 1e6,
+        self.flops_per_sample = count_flops(net, torch.zeros(1, *input_shape(self.cfg.data)))  # forward
+        logger.info("model %s: %.3f M parameters, %.3f GFLOPs per sample", m.name, self.num_params / 1e6,
                     self.flops_per_sample / 1e9)
         if self.cfg.engine.grad_checkpointing:
             net.set_grad_checkpointing(True)
@@ -297,7 +296,7 @@ class Trainer:
         if not n or zero3 or not self.acc.is_main_process or not has_pictures(net):
             return  # ZeRO-3: a forward on one rank alone would wait for the others' weight shards
         batch = next(iter(self.eval_loader), None)
-        if batch is None:  # this rank's share of the validation split is empty
+        if batch is None or batch["input"].dim() != 4:  # no share of the validation split, or video views
             return
         images = batch["input"][:n].to(self.device, self.input_dtype)
         folder = self.run_dir / "pictures"

@@ -42,3 +42,18 @@ def test_full_augmentation_on_two_processes(digits_shards: Path, tmp_path: Path,
     log = (tmp_path / backend / "log.rank0.txt").read_text()
     losses = [float(v) for v in re.findall(r"train/loss=(\S+)", log)]
     assert len(losses) == 6 and all(math.isfinite(v) and 0 < v < 5 for v in losses), losses
+
+
+@pytest.mark.parametrize("backend", ["wds", "dali"])
+def test_video_training_with_multi_view_evaluation(video_sets: dict[str, Path], tmp_path: Path, backend: str) -> None:
+    """A tiny video StructViT trains on VP9 clips and is evaluated on 2 clips × 3 crops per video."""
+    proc = run_cli("train", RECIPE, f"--data.path={video_sets['vp9']}", f"--run.output_dir={tmp_path}",
+                   "--run.name=video", "--model.name='structvit_tiny_4_1_video'", "--model.num_classes=2",
+                   f"--data.backend='{backend}'", "--data.dali_threads=1", "--data.num_workers=1",
+                   "--data.batch_size=2", "--data.hflip=0.5", "--schedule.max_steps=4", "--eval.every_epochs=1",
+                   "--data.video={frames = 4, stride = 2, num_clips = 2, spatial_crops = 3}", "--data.mixup=0.8",
+                   "--tracking.log_every_steps=1", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "video" / "summary.json").read_text())
+    assert summary["status"] == "FINISHED" and summary["val_samples"] == 4  # each video once, views averaged
+    assert summary["steps"] == 4

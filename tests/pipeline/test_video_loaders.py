@@ -5,55 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
 
-from data_prep.cli import main as prep_main
 from pipeline.config import ConfigError, DataCfg, EvalCfg, JobCfg
 from pipeline.data import build_loaders, video_spec_of
 from pipeline.data_wds import LoaderError
 
 CPU = torch.device("cpu")
-FRAMES = 24
-
-
-def _make_video(path: Path, label: int) -> None:
-    """24 frames at 24 fps, 64×48; frame i has grey level 8·i (plus the label in the blue channel)."""
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=24)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(FRAMES):
-            arr = np.full((48, 64, 3), 8 * i, np.uint8)
-            arr[..., 2] = 100 * label
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
-@pytest.fixture(scope="module")
-def video_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same 8 train + 4 val clips prepared in each stored format."""
-    src = tmp_path_factory.mktemp("videos")
-    lists = {"train": [], "val": []}
-    for split, count in (("train", 8), ("val", 4)):
-        for i in range(count):
-            name = f"{split}{i}.mp4"
-            _make_video(src / name, i % 2)
-            lists[split].append(f"{name} {i % 2}")
-    for split, rows in lists.items():
-        (src / f"{split}.txt").write_text("\n".join(rows) + "\n")
-    out = {}
-    for codec in ("h264", "vp9", "jpeg"):
-        dest = tmp_path_factory.mktemp(codec)
-        assert prep_main(["prep", "videolist", "--list", f"train={src / 'train.txt'}", "--list",
-                          f"val={src / 'val.txt'}", "--root", str(src), "--out", str(dest), "--codec", codec,
-                          "--fps", "24", "--short-side", "48", "--keyint", "6", "--shard-size", "2",
-                          "--workers", "1"]) == 0
-        out[codec] = dest
-    return out
 
 
 def _job(path: Path, **video: object) -> JobCfg:
