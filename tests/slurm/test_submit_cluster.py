@@ -42,6 +42,9 @@ max_requeues = 2
 python = {json.dumps(str(slurm_cluster.python))}
 [env]
 OMP_NUM_THREADS = "1"
+[eval]
+cpus_per_task = 1
+time = "00:10:00"
 [prep]
 tasks = 2
 throttle = 0
@@ -97,7 +100,7 @@ def full_run(slurm_cluster, cluster_file: Path, digits_shards: Path, tmp_path_fa
     runs = tmp_path_factory.mktemp("runs")
     job_id = _submit(slurm_cluster, cluster_file, runs, digits_shards, "full")
     result = slurm_cluster.wait_job(job_id, timeout=300)
-    assert result.ok, (result, _diagnose(slurm_cluster, job_id, runs / "full" / "slurm" / f"job-{job_id}.out"))
+    assert result.ok, f"{result}\n{_diagnose(slurm_cluster, job_id, runs / 'full' / 'slurm' / f'job-{job_id}.out')}"
     return runs, job_id, runs / "full"
 
 
@@ -132,7 +135,7 @@ def test_evaluation_job_reproduces_the_final_accuracy(slurm_cluster, cluster_fil
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"submitted evaluation job (\d+)", proc.stdout).group(1)
     result = slurm_cluster.wait_job(job_id, timeout=180)
-    assert result.ok, (result, _diagnose(slurm_cluster, job_id, run_dir / "slurm" / f"eval-{job_id}.out"))
+    assert result.ok, f"{result}\n{_diagnose(slurm_cluster, job_id, run_dir / 'slurm' / f'eval-{job_id}.out')}"
     evaluated = json.loads((run_dir / "slurm" / f"eval-{job_id}.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert evaluated["samples"] == 359 and evaluated["top1"] == pytest.approx(summary["val_top1"], abs=1e-9)
@@ -167,8 +170,9 @@ def test_usr1_checkpoints_requeues_resumes_into_one_mlflow_run(slurm_cluster, cl
     t0 = time.monotonic()
     _wait_for(lambda: _queue_state(slurm_cluster, job_id)[0] == "PENDING", 120, "the job to requeue itself")
     t_requeued = time.monotonic() - t0
-    # Skip the requeue hold (cred_expire + 1 s); repeat the release until it starts, in case the hold is set
-    # after the job turned PENDING.
+    # Skip the requeue hold (cred_expire + 1 s). Not within the second of the requeue: slurmd refuses a job
+    # credential not newer than the revocation of the previous run's ("credential revoked": launch failure).
+    time.sleep(2.0)
     while (state := _queue_state(slurm_cluster, job_id))[0] == "PENDING" and time.monotonic() - t0 < 120:
         slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
         time.sleep(1.0)
@@ -177,7 +181,7 @@ def test_usr1_checkpoints_requeues_resumes_into_one_mlflow_run(slurm_cluster, cl
     output_file = run_dir / "slurm" / f"job-{job_id}.out"
     timing = f"requeued after {t_requeued:.0f} s, restarted after {t_restarted:.0f} s ({state}), " \
              f"done after {time.monotonic() - t0:.0f} s"
-    assert result.ok, (result, timing, _diagnose(slurm_cluster, job_id, output_file))
+    assert result.ok, f"{result}\n{timing}\n{_diagnose(slurm_cluster, job_id, output_file)}"
     output = output_file.read_text()
     print(timing)
 
