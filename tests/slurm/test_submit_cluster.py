@@ -170,8 +170,10 @@ def test_usr1_checkpoints_requeues_resumes_into_one_mlflow_run(slurm_cluster, cl
     t0 = time.monotonic()
     _wait_for(lambda: _queue_state(slurm_cluster, job_id)[0] == "PENDING", 120, "the job to requeue itself")
     t_requeued = time.monotonic() - t0
-    # Skip the requeue hold (cred_expire + 1 s). Not within the second of the requeue: slurmd refuses a job
-    # credential not newer than the revocation of the previous run's ("credential revoked": launch failure).
+    # Skip the requeue hold (cred_expire + 1 s), but only after the nodes cleaned up the first run and a second
+    # has passed: slurmd refuses a job credential not newer than the previous run's revocation (same second).
+    _wait_for(lambda: not slurm_cluster.run("sinfo", "-h", "-t", "completing", "-o", "%N", check=False).stdout.strip(),
+              60, "the nodes to finish the first run")
     time.sleep(2.0)
     while (state := _queue_state(slurm_cluster, job_id))[0] == "PENDING" and time.monotonic() - t0 < 120:
         slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)

@@ -118,7 +118,7 @@ echo "$@" >> {tmp_path}/scontrol.log
     return bin_dir
 
 
-def _run_script(tmp_path: Path, script: str, run_dir: Path, nodes: int = 2, restarts: int = 0,
+def _run_script(tmp_path: Path, script: str, run_dir: Path, nodes: int = 2, restarts: int = 0, cpus: str = "",
                 **stub: str) -> subprocess.CompletedProcess:
     path = tmp_path / "job.sbatch"
     path.write_text(script)
@@ -126,6 +126,8 @@ def _run_script(tmp_path: Path, script: str, run_dir: Path, nodes: int = 2, rest
     env.update(PATH=f"{_stubs(tmp_path)}:{env['PATH']}", SLURM_JOB_ID="123457", SLURM_JOB_NUM_NODES=str(nodes),
                SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]", SLURM_RESTART_COUNT=str(restarts),
                STUB_RUN_DIR=str(run_dir), **{f"STUB_{k.upper()}": v for k, v in stub.items()})
+    if cpus:
+        env["SLURM_CPUS_PER_TASK"] = cpus
     (tmp_path / "scontrol.log").unlink(missing_ok=True)
     return subprocess.run(["bash", str(path)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
@@ -135,10 +137,10 @@ def test_script_starts_torchrun_on_every_node_and_decides_on_requeue(capsys, tmp
                       str(_cluster_file(tmp_path)), f"--run.output_dir={tmp_path}", "--run.name=r16", "--dry-run")
     run_dir = tmp_path / "r16"
 
-    done = _run_script(tmp_path, script, run_dir, nodes=16, status="FINISHED")
+    done = _run_script(tmp_path, script, run_dir, nodes=16, cpus="12", status="FINISHED")
     assert done.returncode == 0, done.stderr
     args = (tmp_path / "srun.args").read_text().splitlines()
-    assert args[:3] == ["--nodes=16", "--ntasks-per-node=1", "--kill-on-bad-exit=0"]
+    assert args[:4] == ["--nodes=16", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "--cpus-per-task=12"]
     tail = args[args.index("torch.distributed.run") + 1:]
     assert tail[:7] == ["--nnodes=16", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node001:23457",
                         "--rdzv-id=123457", "--max-restarts=0", "-m"]
