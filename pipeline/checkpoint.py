@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +127,38 @@ def export_weights(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
     return path
+
+
+def universal_view(step_dir: Path, model_dir: str = "pytorch_model") -> Path:
+    """A view of a DeepSpeed checkpoint that loads on any number of processes (DeepSpeed universal format).
+
+    ZeRO partitions the optimizer state (and under ZeRO-3 the weights) by rank, and DeepSpeed refuses a
+    checkpoint written by a different number of processes. DeepSpeed's ``ds_to_universal`` rewrites the
+    shards as one file per parameter (fp32 weights, Adam moments, step); loading it with
+    ``checkpoint.load_universal`` re-partitions for the new world size. The conversion is done once
+    (``<step>/universal/``) and the view ``<checkpoints>/.universal/<step>/`` links every other file of
+    the checkpoint (RNG states, EMA, trainer state) beside the converted model. Main process only.
+
+    Returns:
+        The view directory, to pass to ``Accelerator.load_state``.
+    """
+    converted = step_dir / "universal"
+    if not converted.is_dir():
+        tmp = step_dir / f".universal.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(step_dir / model_dir), "--output_folder", str(tmp), "--inject_missing_state",
+               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"converting {step_dir} to DeepSpeed's universal format failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, converted)
+        logger.info("converted %s to DeepSpeed's universal checkpoint format", step_dir)
+    view = step_dir.parent / ".universal" / step_dir.name
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for entry in step_dir.iterdir():
+        if entry.name not in (model_dir, "universal") and not entry.name.startswith("."):
+            (view / entry.name).symlink_to(entry.resolve())
+    (view / model_dir).symlink_to(converted.resolve())
+    return view

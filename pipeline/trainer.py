@@ -101,9 +101,10 @@ class Trainer:
         self.build_run_dir()
         self.build_data()
         self.build_model()
+        self.checkpoint = self.find_checkpoint() if cfg.checkpoint.resume else None
         self.build_optimizer()
-        if cfg.checkpoint.resume:
-            self.resume()
+        if self.checkpoint is not None:
+            self.resume(*self.checkpoint)
         self.build_tracking()
         self.preemption = Preemption(cfg.checkpoint.preempt_timeout_s)
 
@@ -313,21 +314,35 @@ class Trainer:
                 "world_size": self.world_size, "backend": self.cfg.engine.backend,
                 "mlflow_run_id": self.mlflow_run_id}
 
-    def resume(self) -> None:
-        """Restores the newest complete checkpoint of the run directory, if any (rank 0 picks it)."""
+    def find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest complete checkpoint of the run directory (rank 0 picks it), prepared for this world size.
+
+        A DeepSpeed checkpoint written by a different number of processes is converted to DeepSpeed's
+        universal format and the engine is configured to load it (before the engine is created).
+        """
         found = ckpt.find_resumable(self.run_dir / "checkpoints") if self.acc.is_main_process else None
         path, state = broadcast_object((str(found[0]), found[1]) if found else (None, None))
         if path is None:
-            return
+            return None
         if state["backend"] != self.cfg.engine.backend:
             raise ConfigError(f"engine.backend = {self.cfg.engine.backend!r}: the run's checkpoints were written "
                               f"by {state['backend']!r}; resume with the same backend")
-        self.acc.load_state(path)  # weights, optimizer, scheduler and this rank's RNG states
+        if self.cfg.engine.backend == "deepspeed" and state["world_size"] != self.world_size:
+            view = ckpt.universal_view(Path(path)) if self.acc.is_main_process else None
+            path = broadcast_object(str(view) if view else None)
+            plugin = self.acc.state.deepspeed_plugin
+            plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
+        return Path(path), state
+
+    def resume(self, path: Path, state: dict[str, Any]) -> None:
+        """Restores a checkpoint: weights, optimizer, scheduler, EMA, this rank's RNG states and the counters."""
+        self.acc.load_state(str(path))  # weights, optimizer, scheduler and this rank's RNG states
         self.step, self.epoch, self.mlflow_run_id = state["step"], state["epoch"], state["mlflow_run_id"]
         self.batch_in_epoch = state["batches_in_epoch"]
         if state["world_size"] != self.world_size:
-            logger.warning("resuming %d processes from a checkpoint of %d: epoch %d restarts from its beginning",
-                           self.world_size, state["world_size"], self.epoch)
+            logger.warning("resuming %d processes from a checkpoint of %d: epoch %d restarts from its beginning; "
+                           "ranks without a saved RNG state start from fresh seeds", self.world_size,
+                           state["world_size"], self.epoch)
             self.batch_in_epoch = 0
         logger.info("resumed from %s: step %d, epoch %d, batch %d", path, self.step, self.epoch, self.batch_in_epoch)
 
