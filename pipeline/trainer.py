@@ -153,6 +153,9 @@ class Trainer:
         self.peak_lr = peak_lr(self.cfg.optim, self.global_batch)
         opt = build_optimizer(self.net, self.cfg.optim, self.peak_lr)
         self.model, self.optimizer = self.acc.prepare(self.net, opt)
+        if self.cfg.engine.compile:
+            compiled = any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in self.model.modules())
+            logger.info("torch.compile (inductor): %s", "on" if compiled else "NOT applied by this engine")
         accum = self.cfg.engine.grad_accum_steps
         self.steps_per_epoch = len(self.train_loader) // accum
         self.train_loader.steps_per_epoch = self.steps_per_epoch * accum  # no step straddles two epochs
