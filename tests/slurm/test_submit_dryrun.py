@@ -8,6 +8,7 @@ spaces, ``$(...)`` and backticks stay text.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -23,6 +24,15 @@ from vitpipe.slurm import load_cluster
 from vitpipe.slurm_task import _children
 
 RECIPE = "jobs/demo/vitnano_digits_cls_2xcpu.toml"
+
+
+@pytest.fixture(autouse=True)
+def _drop_log_handlers():
+    """``main()`` points vitpipe's log handler at pytest's captured stderr: remove it when the test ends."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_vitpipe_handler", False)]:
+        root.removeHandler(handler)
 
 
 def _cluster_file(tmp_path: Path, **extra: str) -> Path:
