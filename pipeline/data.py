@@ -24,7 +24,7 @@ import torch
 from pipeline.augment import BatchAugment, Mixup, RandomErasing, normalize
 from pipeline.config import ConfigError, DataCfg, JobCfg
 from pipeline.data_wds import SampleFn, build_eval_loader, build_train_loader, image_sample_fn, read_split
-from pipeline.transforms import eval_transform, train_transform
+from pipeline.transforms import apply_to_clip, clip_color_transform, eval_transform, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -140,17 +140,20 @@ def input_shape(cfg: DataCfg) -> tuple[int, ...]:
 def video_sample_fns(cfg: DataCfg) -> tuple[SampleFn, SampleFn]:
     """Per-sample functions for video shards: ``(train, eval)``.
 
-    Training: sample ``T`` frame indices, decode only those, one crop and flip for the whole clip →
-    ``3×T×S×S`` uint8. Evaluation: every view (temporal clips × spatial crops) → ``V×3×T×S×S`` uint8.
-    The training draws come from torch's generator, which the loader seeds per sample.
+    Training: sample ``T`` frame indices, decode only those, one crop and flip for the whole clip, then
+    RandAugment (or colour jitter) with the same draws for every frame → ``3×T×S×S`` uint8.
+    Evaluation: every view (temporal clips × spatial crops) → ``V×3×T×S×S`` uint8. The training
+    draws come from the global generators, which the loader seeds per sample.
     """
     from pipeline.video import load_eval_views, load_train_clip
 
     spec = video_spec_of(cfg)
+    color = clip_color_transform(cfg)
 
     def train(sample: dict[str, Any]) -> torch.Tensor:
         seed = int(torch.randint(0, 2**62, ()).item())
-        return load_train_clip(sample, spec, np.random.default_rng(seed), normalize=False)
+        clip = load_train_clip(sample, spec, np.random.default_rng(seed), normalize=False)  # 3×T×S×S
+        return apply_to_clip(color, clip) if color is not None else clip
 
     def evaluate(sample: dict[str, Any]) -> torch.Tensor:
         return load_eval_views(sample, spec, normalize=False)

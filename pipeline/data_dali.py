@@ -333,9 +333,12 @@ class DaliLoader:
 
         feed = VideoFeed(self.reader, plan, self.batch_size, self.video_spec, train=self.train,
                          seed=(self.seed, self.epoch, self.rank), first=self.skip * self.batch_size)
-        return build_video_pipeline(self.video_spec, feed, train=self.train, device=self.device,
-                                    batch_size=self.batch_size, threads=self.cfg.dali_threads, seed=seed,
-                                    device_id=self.device_id)
+        with _dali_deprecations_to_debug():
+            return build_video_pipeline(self.video_spec, feed, train=self.train, device=self.device,
+                                        batch_size=self.batch_size, threads=self.cfg.dali_threads, seed=seed,
+                                        device_id=self.device_id, randaugment=self.cfg.randaugment,
+                                        color_jitter=self.cfg.color_jitter,
+                                        fill=int(round(255 * self.cfg.mean[0])))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

@@ -6,7 +6,8 @@ the encoded ``mp4``/``webm`` bytes and the ``json`` frame count through the inde
 and feeds both to ``fn.decoders.video(frames=...)``:
 
 * training: one random-resized crop (``data.crop_scale``/``crop_ratio``, the same for every frame) to
-  ``S×S``, one flip decision per clip (none when ``video.flip`` is false), → ``3×T×S×S`` uint8;
+  ``S×S``, RandAugment or colour twist with one draw per clip, one flip decision per clip (none when
+  ``video.flip`` is false), → ``3×T×S×S`` uint8;
 * evaluation: ``num_clips × T`` frames decoded at once, short side resized to ``eval_short_side``
   (or ``S``), ``spatial_crops`` crops along the long side → ``V×3×T×S×S`` uint8, view ``v = c·K + j``
   as in :func:`pipeline.video.eval_views`.
@@ -93,7 +94,8 @@ class VideoFeed:
 
 
 def build_video_pipeline(spec: Any, source: VideoFeed, *, train: bool, device: str, batch_size: int,
-                         threads: int, seed: int, device_id: int | None) -> Any:
+                         threads: int, seed: int, device_id: int | None, randaugment: str = "",
+                         color_jitter: float = 0.0, fill: int = 124) -> Any:
     """Builds the DALI video graph for one epoch.
 
     Returns:
@@ -102,10 +104,12 @@ def build_video_pipeline(spec: Any, source: VideoFeed, *, train: bool, device: s
     """
     from nvidia.dali import fn, pipeline_def, types
 
+    from pipeline.data_dali import parse_randaugment
+
     size, decode_dev = spec.img_size, "mixed" if device == "gpu" else "cpu"
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2)
+                  prefetch_queue_depth=2, enable_conditionals=bool(train and randaugment))
     def graph():  # noqa: ANN202 - DALI graph
         encoded, frames, labels = fn.external_source(source=source, num_outputs=3, batch=True,
                                                      dtype=[types.UINT8, types.INT32, types.INT64])
@@ -114,6 +118,17 @@ def build_video_pipeline(spec: Any, source: VideoFeed, *, train: bool, device: s
             clips = fn.random_resized_crop(clips, size=[size, size], random_area=list(spec.scale),
                                            random_aspect_ratio=list(spec.ratio), interp_type=types.INTERP_LINEAR,
                                            antialias=True)
+            if randaugment:  # DALI applies each sample's drawn operations to all of its frames
+                from nvidia.dali.auto_aug import rand_augment
+
+                n, m = parse_randaugment(randaugment)
+                clips = rand_augment.rand_augment(clips, n=n, m=m, num_magnitude_bins=11, shape=[size, size],
+                                                  fill_value=fill, max_translate_rel=0.45)
+            elif color_jitter > 0:
+                lo, hi = max(0.0, 1 - color_jitter), 1 + color_jitter
+                clips = fn.color_twist(clips, brightness=fn.random.uniform(range=[lo, hi]),
+                                       contrast=fn.random.uniform(range=[lo, hi]),
+                                       saturation=fn.random.uniform(range=[lo, hi]))
             if spec.flip:
                 clips = fn.flip(clips, horizontal=fn.random.coin_flip(probability=0.5))
             clips = fn.transpose(clips, perm=[3, 0, 1, 2], output_layout="CFHW")

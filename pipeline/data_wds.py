@@ -215,18 +215,24 @@ def _seed_of(*parts: int) -> int:
 
 @contextlib.contextmanager
 def _seeded(seed: int | None) -> Iterator[None]:
-    """Seeds torch's and Python's RNGs for one sample's augmentation, restoring both afterwards."""
+    """Seeds torch's, Python's and NumPy's global RNGs for one sample's augmentation, restoring them afterwards.
+
+    All three are needed: torchvision draws from torch, timm's RandAugment picks its operations with
+    ``numpy.random`` and draws magnitudes with ``random``.
+    """
     if seed is None:
         yield
         return
-    state = random.getstate()
+    state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         random.seed(seed)
+        np.random.seed(seed)
         try:
             yield
         finally:
             random.setstate(state)
+            np.random.set_state(np_state)
 
 
 @dataclass

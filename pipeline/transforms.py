@@ -8,6 +8,7 @@ result stays ``uint8``: normalisation, random erasing and mixup/CutMix run on th
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -63,3 +64,38 @@ def eval_transform(cfg: DataCfg) -> Callable[[Any], torch.Tensor]:
     """
     resize = int(round(cfg.img_size / cfg.eval_crop_pct))
     return T.Compose([T.Resize(resize, interpolation=BICUBIC), T.CenterCrop(cfg.img_size), to_uint8_chw])
+
+
+def clip_color_transform(cfg: DataCfg) -> Callable[[Any], Any] | None:
+    """RandAugment (or colour jitter when it is off) for video frames, or None when both are off."""
+    if cfg.randaugment:
+        return randaugment(cfg.randaugment, cfg.img_size, cfg.mean)
+    if cfg.color_jitter > 0:
+        return T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)
+    return None
+
+
+def apply_to_clip(transform: Callable[[Any], Any], clip: torch.Tensor) -> torch.Tensor:
+    """Applies one PIL transform to every frame of a clip with the same random draws (clip-consistent).
+
+    Python's, NumPy's and torch's generators are rewound to the same state before each frame, so every frame
+    gets the same operations and magnitudes; afterwards they continue from the state the last frame left.
+
+    Args:
+        transform: A PIL → PIL transform drawing from ``random``/``torch`` (timm RandAugment, ColorJitter).
+        clip: ``3×T×H×W`` uint8.
+
+    Returns:
+        ``3×T×H×W`` uint8.
+    """
+    from PIL import Image
+
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    frames = []
+    for t in range(clip.shape[1]):
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        frame = Image.fromarray(clip[:, t].permute(1, 2, 0).contiguous().numpy())
+        frames.append(to_uint8_chw(transform(frame)))
+    return torch.stack(frames, dim=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,20 @@ def test_persistent_workers_follow_the_epoch(digits_shards: Path) -> None:
         assert len(got) == len(want) == persistent.steps_per_epoch - skip
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a["label"], b["label"]) and torch.equal(a["input"], b["input"])
+
+
+def test_randaugment_is_seeded_per_sample(digits_shards: Path) -> None:
+    """timm's RandAugment picks operations with NumPy's global generator: it too is seeded per sample, so a
+    resumed epoch still reproduces the uninterrupted batches and the workers do not share draws."""
+    from dataclasses import replace
+
+    cfg = replace(DATA, randaugment="rand-m9-mstd0.5-inc1")
+
+    def loader(skip: int) -> list[torch.Tensor]:
+        train = build_train_loader(digits_shards, "train", image_sample_fn(train_transform(cfg)), batch_size=16,
+                                   num_workers=2, rank=0, world_size=1, seed=2, shuffle_buffer=64)
+        train.set_epoch(1, skip_batches=skip)
+        return [b["input"] for b in itertools.islice(train, 6 - skip)]
+
+    full, resumed = loader(0), loader(3)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, full[3:], strict=True))

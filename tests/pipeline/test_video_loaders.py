@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +85,32 @@ def test_dali_cpu_reads_vp9_clips_like_wds(video_sets: dict[str, Path]) -> None:
     for a, b in zip(dali_views, wds_views, strict=True):
         assert torch.equal(a["label"], b["label"]) and a["input"].shape == b["input"].shape == (2, 6, 3, 4, 32, 32)
         assert (a["input"] - b["input"]).abs().mean() < 0.05  # resizer rounding only
+
+
+def test_clip_randaugment_applies_the_same_draws_to_every_frame() -> None:
+    from pipeline.transforms import apply_to_clip, randaugment
+
+    frame = torch.randint(0, 256, (3, 1, 24, 24), dtype=torch.uint8)
+    clip = frame.expand(3, 5, 24, 24).contiguous()  # five identical frames
+    augment = randaugment("rand-m9-mstd0.5-inc1", 24, (0.485, 0.456, 0.406))
+    changed = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        out = apply_to_clip(augment, clip)
+        assert out.shape == clip.shape and out.dtype == torch.uint8
+        assert all(torch.equal(out[:, 0], out[:, t]) for t in range(5))  # one draw for the whole clip
+        changed += not torch.equal(out, clip)
+    assert changed >= 10  # and it does augment (each of its 2 operations applies with probability 0.5)
+
+
+@pytest.mark.parametrize("backend", ["wds", "dali"])
+def test_video_randaugment_in_both_backends(video_sets: dict[str, Path], backend: str) -> None:
+    job = _job(video_sets["vp9"])
+    job = replace(job, data=replace(job.data, randaugment="rand-m9-mstd0.5-inc1", backend=backend,
+                                    dali_device="cpu", dali_threads=1))
+    train, _ = build_loaders(job, rank=0, world_size=1, device=CPU, num_classes=2)
+    train.set_epoch(0)
+    batch = next(iter(train))
+    assert batch["input"].shape == (2, 3, 4, 32, 32) and torch.isfinite(batch["input"]).all()
