@@ -196,6 +196,7 @@ def test_usr1_checkpoints_requeues_resumes_into_one_mlflow_run(slurm_cluster, cl
     assert "Restarts=1" in show
     rank_logs = "".join(p.read_text() for p in run_dir.glob("log.rank*.txt"))
     assert "received SIGUSR1" in rank_logs and "resumed from" in rank_logs
+    assert "second signal" not in rank_logs  # each trainer got it once: from Slurm, not forwarded again
     stopped = int(re.search(r"preempted at step (\d+)", rank_logs).group(1))
     assert 5 <= stopped < STEPS
     assert not list(ROOT.glob("pwned-by-name*"))  # the name stayed text in the script, sbatch and the job (cwd ROOT)

@@ -233,6 +233,15 @@ def test_eval_and_prep_dry_runs(capsys, tmp_path: Path) -> None:
     assert "MERGE_ARGS=(" in merge and "#SBATCH --dependency" not in merge  # the dependency is added at submission
 
 
+def test_status_and_cancel_need_submitted_jobs(capsys, tmp_path: Path) -> None:
+    for command in ("submit", "status", "cancel"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+    assert main(["status", str(tmp_path)]) == 2 and main(["cancel", "nope", "--runs", str(tmp_path)]) == 2
+    assert "no jobs submitted there" in capsys.readouterr().err
+
+
 def test_cluster_file_is_checked(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[slurm]\npartitoin = 'x'\n")
