@@ -109,12 +109,25 @@ def _children(pid: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------ one attempt
+def _stamp(path: Path) -> list[int] | None:
+    """Identity of a file version (inode, mtime in ns, size): changes whenever the file is rewritten."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_ino, st.st_mtime_ns, st.st_size]
+
+
 def begin_attempt(run_dir: Path, job_script: str = "") -> dict[str, Any]:
-    """Notes the start of an attempt: time and the size of every rank log (``RUN_DIR/slurm/attempt.json``)."""
+    """Notes the start of an attempt in ``RUN_DIR/slurm/attempt.json``.
+
+    It records the version of ``summary.json`` and the size of every rank log, so that the end of the
+    attempt can tell what this attempt wrote without comparing clocks of different nodes.
+    """
     folder = run_dir / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
     record = {"job_id": os.environ.get("SLURM_JOB_ID", ""), "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-              "start": time.time(), "job_script": job_script,
+              "start": time.time(), "job_script": job_script, "summary": _stamp(run_dir / "summary.json"),
               "logs": {p.name: p.stat().st_size for p in run_dir.glob("log.rank*.txt")}}
     (folder / "attempt.json").write_text(json.dumps(record))
     return record
@@ -123,11 +136,12 @@ def begin_attempt(run_dir: Path, job_script: str = "") -> dict[str, Any]:
 def attempt_outcome(run_dir: Path, attempt: dict[str, Any]) -> str:
     """``FINISHED``, ``PREEMPTED`` or ``FAILED`` for the attempt that started as ``attempt`` records.
 
-    ``summary.json`` counts only when this attempt wrote it; otherwise (rank 0 ended before writing it)
-    a rank log line of this attempt that says it exits with status 75 means PREEMPTED.
+    ``summary.json`` counts only when this attempt wrote it (another version than at the start);
+    otherwise (rank 0 ended before writing it) a rank log line of this attempt that says it exits with
+    status 75 means PREEMPTED.
     """
     summary = run_dir / "summary.json"
-    if summary.is_file() and summary.stat().st_mtime >= attempt["start"] - 1:
+    if summary.is_file() and _stamp(summary) != attempt.get("summary"):
         try:
             status = json.loads(summary.read_text()).get("status")
         except ValueError:
@@ -151,7 +165,8 @@ def end_attempt(run_dir: Path, exit_code: int) -> str:
     try:
         attempt = json.loads((run_dir / "slurm" / "attempt.json").read_text())
     except (OSError, ValueError):
-        attempt = {"start": 0.0, "logs": {}, "job_id": os.environ.get("SLURM_JOB_ID", ""), "job_script": ""}
+        attempt = {"start": 0.0, "logs": {}, "summary": None, "job_id": os.environ.get("SLURM_JOB_ID", ""),
+                   "job_script": ""}
     outcome = attempt_outcome(run_dir, attempt)
     record = {k: attempt.get(k) for k in ("job_id", "restart", "start")} | {
         "end": time.time(), "exit_code": exit_code, "outcome": outcome, "nodes": os.environ.get("SLURM_JOB_NODELIST")}
