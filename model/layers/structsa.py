@@ -20,6 +20,9 @@ Two code paths share one set of weights:
   (O(N²C) memory), the convolution over the correlation map, the joint softmax, and the aggregation of the
   values with the per-key dynamic kernels κ_{i,j} folded back onto the grid (the "merged" structural
   attention map of App. D). It is the reference for tests and the source of attention maps.
+  :func:`structsa_literal_chunked` evaluates the same definition (its output only) for blocks of queries under
+  activation checkpointing, so that forward and backward stay within O(block·N·C·D) memory; it makes the literal
+  path measurable at video sizes, where the whole correlation volume does not fit.
 
 Weight layout: ``k_weight[c·D + d, 0, m] = H^K[m, c, d]`` and ``v_weight[c·D + d, 0, m] = H^V[m, d, c]`` (the
 layout of a grouped ``ConvNd(C, C·D, groups=C)``); channel c belongs to head ⌊c / d_head⌋. ``struct_dim = 0``
@@ -34,6 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 Grid = tuple[int, ...]
 
@@ -153,6 +157,50 @@ def structsa_literal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_weight
     return y, attn, merged
 
 
+def structsa_literal_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_weight: torch.Tensor,
+                             v_weight: torch.Tensor, grid: Grid, stride: Grid, num_heads: int, scale: float,
+                             num_prefix: int = 0, query_chunk: int = 64) -> torch.Tensor:
+    """Output of the correlation-first StructSA (spec §2.4), evaluated ``query_chunk`` queries at a time.
+
+    The math is :func:`structsa_literal`'s, run on blocks of queries (every query needs all keys and values,
+    and nothing is shared between queries, so the blocks are independent). Each block runs under
+    ``torch.utils.checkpoint``: the forward keeps only the block's inputs and output, the backward
+    recomputes one block at a time. Peak memory is O(query_chunk·N·C·D) instead of O(Nq·N·C·D); the cost is
+    one extra forward. The maps are not returned (the merged map alone is O(Nq·N·C)); take them for
+    selected queries from :func:`structsa_literal`.
+
+    Args:
+        q: Queries, (B, Nq, C).
+        k: Keys, (B, P + N, C): P prefix tokens, then the grid.
+        v: Values, (B, P + N, C).
+        k_weight: Key kernels H^K, (C·D, 1, *kernel).
+        v_weight: Value kernels H^V, (C·D, 1, *kernel).
+        grid: Token grid, (H, W) or (T, H, W).
+        stride: Key/value stride.
+        num_heads: h.
+        scale: Logit scale τ (d_head^-0.5).
+        num_prefix: P tokens off the grid, attended as raw keys/values in the same joint softmax.
+        query_chunk: Queries per block (the last block may be smaller).
+
+    Returns:
+        The output (B, Nq, C) before the projection, equal to ``structsa_literal(...)[0]``.
+    """
+    if query_chunk < 1:
+        raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+
+    def block(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, kw: torch.Tensor,
+              vw: torch.Tensor) -> torch.Tensor:
+        return structsa_literal(qb, kb, vb, kw, vw, grid, stride, num_heads, scale, num_prefix)[0]
+
+    outs = []
+    for qb in q.split(query_chunk, dim=1):  # (B, ≤ query_chunk, C) each
+        if torch.is_grad_enabled():
+            outs.append(checkpoint(block, qb, k, v, k_weight, v_weight, use_reentrant=False))
+        else:
+            outs.append(block(qb, k, v, k_weight, v_weight))
+    return torch.cat(outs, dim=1)
+
+
 def _as_tuple(value: int | Sequence[int], ndim: int) -> Grid:
     return tuple(value) if isinstance(value, Sequence) else (value,) * ndim
 
@@ -161,7 +209,8 @@ class StructSA(nn.Module):
     """Multi-head channel-wise StructSA with qkv and output projections.
 
     ``forward`` takes tokens (B, N, C) laid out row-major on ``grid_size`` ((H, W) or (T, H, W)) and returns
-    (B, N, C). ``fused=True`` (default) runs :func:`structsa_fused`; ``fused=False`` runs the literal path.
+    (B, N, C). ``fused=True`` (default) runs :func:`structsa_fused`; ``fused=False`` runs the literal path
+    (:func:`structsa_literal`, or :func:`structsa_literal_chunked` when ``forward`` gets a ``query_chunk``).
     """
 
     def __init__(
@@ -240,13 +289,16 @@ class StructSA(nn.Module):
             return None, None
         return self.k_conv.weight, self.v_conv.weight
 
-    def forward(self, x: torch.Tensor, grid_size: Grid, fused: bool | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid_size: Grid, fused: bool | None = None,
+                query_chunk: int | None = None) -> torch.Tensor:
         """Attention over a token grid.
 
         Args:
             x: Tokens, (B, P + N, C), N = prod(grid_size), P = ``num_prefix_tokens``.
             grid_size: (H, W) or (T, H, W).
             fused: Overrides the layer's default code path.
+            query_chunk: Literal path only: evaluate it for this many queries at a time, with activation
+                checkpointing (:func:`structsa_literal_chunked`); ``None`` evaluates all queries at once.
 
         Returns:
             (B, P + N, C).
@@ -257,16 +309,23 @@ class StructSA(nn.Module):
             drop = self.attn_drop if self.training else 0.0
             y = structsa_fused(q, k, v, kw, vw, grid_size, self.kv_stride, self.num_heads, drop,
                                self.num_prefix_tokens)
+        elif query_chunk is not None:
+            kw, vw = self._literal_weights(q, grid_size)
+            y = structsa_literal_chunked(q, k, v, kw, vw, grid_size, self.kv_stride, self.num_heads, self.scale,
+                                         self.num_prefix_tokens, query_chunk)
         else:
             y = self._literal(q, k, v, grid_size)[0]
         return self.proj_drop(self.proj(y))
 
-    def _literal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _literal_weights(self, q: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
         kw, vw = self._weights()
         if kw is None or vw is None:  # D = 0: one identity kernel per channel is vanilla attention
-            c = self.dim
-            kw = vw = torch.zeros(c, 1, *(1,) * len(grid), device=q.device, dtype=q.dtype) + 1
+            kw = vw = torch.ones(self.dim, 1, *(1,) * len(grid), device=q.device, dtype=q.dtype)
+        return kw, vw
+
+    def _literal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kw, vw = self._literal_weights(q, grid)
         return structsa_literal(q, k, v, kw, vw, grid, self.kv_stride, self.num_heads, self.scale,
                                 self.num_prefix_tokens)
 

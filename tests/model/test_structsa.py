@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.layers.structsa import StructSA, kv_grid_size, structsa_fused, structsa_literal
+from model.layers.structsa import (
+    StructSA,
+    kv_grid_size,
+    structsa_fused,
+    structsa_literal,
+    structsa_literal_chunked,
+)
 
 # (grid, stride, D): 2-D and 3-D grids, odd and even sides, stride 1 and 2 (spatial-only for video).
 CASES = [((6, 5), (1, 1), d) for d in (1, 4, 8)] + [((6, 6), (2, 2), d) for d in (1, 4, 8)] + \
@@ -180,3 +186,73 @@ def test_prefix_tokens_fused_matches_literal(grid, stride, d) -> None:  # noqa: 
     layer = StructSA(16, 2, struct_dim=d, kv_stride=stride, ndim=len(grid), num_prefix_tokens=1).double()
     x = torch.randn(2, 1 + math.prod(grid), 16, dtype=torch.float64)
     assert (layer(x, grid, fused=True) - layer(x, grid, fused=False)).abs().max() <= 1e-10
+
+
+# Query-chunked literal path: grids whose query count (30, 36, 100, 144) is not a multiple of the chunk (7, 16, 13).
+CHUNK_CASES = [((6, 5), (1, 1), 4, 7), ((6, 6), (2, 2), 8, 16), ((4, 5, 5), (1, 1, 1), 3, 7),
+               ((4, 6, 6), (1, 2, 2), 4, 13)]
+CHUNK_IDS = [f"{'x'.join(map(str, g))}-s{max(s)}-D{d}-chunk{ch}" for g, s, d, ch in CHUNK_CASES]
+
+
+@pytest.mark.parametrize(("grid", "stride", "d", "chunk"), CHUNK_CASES, ids=CHUNK_IDS)
+def test_chunked_literal_matches_literal_and_fused_forward_and_backward(grid, stride, d, chunk) -> None:  # noqa: ANN001
+    assert math.prod(grid) % chunk
+    inputs = _inputs(grid, d, torch.float64, seed=2)
+    weight = torch.linspace(-1, 1, math.prod(inputs[0].shape), dtype=torch.float64).view_as(inputs[0])
+    paths = {
+        "chunked": lambda *t: structsa_literal_chunked(*t, grid, stride, 2, 4 ** -0.5, query_chunk=chunk),
+        "literal": lambda *t: structsa_literal(*t, grid, stride, 2, 4 ** -0.5)[0],
+        "fused": lambda *t: structsa_fused(*t, grid, stride, 2),
+    }
+    results = {}
+    for name, fn in paths.items():
+        leaves = [t.clone().requires_grad_() for t in inputs]  # q, k, v, k_weight, v_weight
+        y = fn(*leaves)
+        (y * weight).sum().backward()
+        results[name] = [y.detach()] + [t.grad for t in leaves]
+    for name in ("literal", "fused"):
+        for a, b in zip(results["chunked"], results[name], strict=True):
+            assert (a - b).abs().max() <= 1e-10, name
+
+
+@pytest.mark.parametrize(("grid", "d", "prefix"), [((6, 5), 4, 0), ((4, 6, 6), 4, 1), ((5, 5), 0, 1)])
+def test_layer_literal_query_chunk_matches_fused(grid, d, prefix) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    stride = 2 if d and len(grid) == 3 else 1
+    layer = StructSA(16, 2, struct_dim=d, kv_stride=stride, ndim=len(grid), num_prefix_tokens=prefix).double()
+    x = torch.randn(2, prefix + math.prod(grid), 16, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for kwargs in ({"fused": True}, {"fused": False, "query_chunk": 11}):
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x, grid, **kwargs)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        grads.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert (a - b).abs().max() <= 1e-10
+    with torch.no_grad():  # no checkpointing without autograd; same output
+        assert (layer(x, grid, fused=False, query_chunk=5) - grads[0][0]).abs().max() <= 1e-10
+    with pytest.raises(ValueError, match="query_chunk"):
+        layer(x, grid, fused=False, query_chunk=0)
+
+
+def test_chunked_literal_saves_only_inputs_for_backward() -> None:
+    """Activation checkpointing: autograd keeps no O(Nq·N·C) tensor, unlike the unchunked literal path."""
+    grid, c = (6, 6), 8
+    q, k, v, kw, vw = (t.requires_grad_() for t in _inputs(grid, 4, torch.float32, c=c, b=1))
+    n = math.prod(grid)
+
+    def largest_saved(fn) -> int:  # noqa: ANN001
+        sizes = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return max(sizes)
+
+    assert largest_saved(lambda: structsa_literal(q, k, v, kw, vw, grid, (1, 1), 2, 0.5)[0]) >= n * n * c
+    assert largest_saved(lambda: structsa_literal_chunked(q, k, v, kw, vw, grid, (1, 1), 2, 0.5,
+                                                          query_chunk=4)) <= n * c
