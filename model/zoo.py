@@ -2,7 +2,10 @@
 
 Parameters are counted on the built model; MACs come from :func:`model.flops.count_macs` at batch 1
 and the model's default input size (``pretrained_cfg["input_size"]``). Vision papers call MACs
-"FLOPs" (Swin's 4.5 G, DeiT's 4.6 G): the column ``GMACs`` is that number.
+"FLOPs" (Swin's 4.5 G, DeiT's 4.6 G): the column ``GMACs`` is that number. Both are taken on the meta
+device (shapes only, no arithmetic: seconds even for the video variants), which gives the same counts as
+real tensors (``tests/model/test_zoo.py``); a model with an op that has no meta kernel is counted on real
+CPU tensors instead.
 
 Importing this module registers FilterViT/DropoutViT (:mod:`model.filtervit`) and the Swin/DeiT
 baselines (:mod:`model.swin`).
@@ -90,7 +93,7 @@ def input_size(cfg: dict) -> tuple[int, ...]:
 
 
 def measure(name: str) -> ZooRow:
-    """Builds ``name`` (random weights) and measures parameters and MACs at its default input size.
+    """Builds ``name`` on the meta device and measures parameters and MACs at its default input size.
 
     The parameter count is taken at the classifier size of the published number when one exists
     (FilterViT's are at 100 classes), else at the model's default.
@@ -106,10 +109,13 @@ def measure(name: str) -> ZooRow:
     pub = PUBLISHED.get(name)
     kwargs = {"num_classes": pub.classes} if pub else {}
     try:
-        net = create_model(name, **kwargs)
+        net = create_model(name, device="meta", **kwargs)  # no weights allocated, no arithmetic
         size = input_size(net.pretrained_cfg)
         classes = int(getattr(net, "num_classes", 0))
-        macs = count_macs(net, torch.randn(1, *size))
+        try:
+            macs = count_macs(net, torch.empty(1, *size, device="meta"))
+        except (NotImplementedError, RuntimeError):  # an op without a meta kernel (data-dependent shapes)
+            macs = count_macs(create_model(name, **kwargs), torch.randn(1, *size))
         return ZooRow(name, size, classes, count_params(net) / 1e6, macs / 1e9, pub)
     except Exception as err:  # noqa: BLE001 - one broken model must not hide the rest of the table
         return ZooRow(name, (), 0, float("nan"), float("nan"), pub, f"{type(err).__name__}: {err}")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from model.zoo import PUBLISHED, format_table, measure, vitpipe_models
+import model.flops
+from model.factory import create_model
+from model.flops import count_macs
+from model.zoo import PUBLISHED, format_table, input_size, measure, vitpipe_models
 from vitpipe.cli import main
 
 
@@ -34,3 +38,28 @@ def test_models_command_prints_the_table_and_names(capsys: pytest.CaptureFixture
     assert "GMACs" in out and "filtervit_pico" in out and "dropoutvit_pico" in out and "vit_pico_patch4_32" not in out
     assert main(["models", "--names", "swin_tiny*"]) == 0
     assert capsys.readouterr().out.split() == ["swin_tiny_patch4_window7_224", "swin_tiny_patch4_window7_224_fused"]
+
+
+@pytest.mark.parametrize("name", ["vit_pico_patch4_32", "filtervit_pico", "dropoutvit_pico",
+                                  "swin_pico_patch2_window4_32_fused", "structvit_tiny_4_2_video"])
+def test_meta_device_macs_equal_real_tensor_macs(name: str) -> None:
+    """The zoo counts on the meta device (shapes only); the count must be the one real tensors give."""
+    torch.manual_seed(0)
+    net = create_model(name)
+    size = input_size(net.pretrained_cfg)
+    real = count_macs(net, torch.randn(1, *size))
+    meta = count_macs(create_model(name, device="meta"), torch.empty(1, *size, device="meta"))
+    assert real == meta > 0
+    assert math.isclose(measure(name).gmacs, real / 1e9, rel_tol=1e-12)
+
+
+def test_measure_falls_back_to_real_tensors_without_a_meta_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_meta(net, inputs):  # noqa: ANN001, ANN202 - stands in for a model with a data-dependent op
+        if inputs.is_meta:
+            raise NotImplementedError("no meta kernel")
+        return count_macs(net, inputs)
+
+    expected = measure("vit_pico_patch4_32").gmacs
+    monkeypatch.setattr(model.flops, "count_macs", no_meta)
+    row = measure("vit_pico_patch4_32")
+    assert not row.error and row.gmacs == expected
