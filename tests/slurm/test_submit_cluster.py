@@ -188,7 +188,8 @@ def test_usr1_checkpoints_requeues_resumes_into_one_mlflow_run(slurm_cluster, cl
     print(timing)
 
     # Slurm signalled every process of the step: the trainers checkpointed, torchrun's agents survived.
-    assert "SIGUSR1 from Slurm" in output and f"requeueing job {job_id} (requeue 1 of at most 2)" in output
+    assert "SIGUSR1 from Slurm" in output and "forwarding" not in output
+    assert f"requeueing job {job_id} (requeue 1 of at most 2)" in output
     assert "attempt 1 ended: PREEMPTED" in output and "attempt 2 ended: FINISHED" in output  # one file, appended
     attempts = [json.loads(line) for line in (run_dir / "slurm" / "attempts.jsonl").read_text().splitlines()]
     assert [(a["restart"], a["outcome"]) for a in attempts] == [(0, "PREEMPTED"), (1, "FINISHED")]
@@ -215,6 +216,8 @@ def test_usr1_checkpoints_requeues_resumes_into_one_mlflow_run(slurm_cluster, cl
     assert cut.data.tags["vitpipe.slurm_job_ids"] == job_id
     for key in ("train/loss", "val/top1", "val/loss"):
         assert _history(client, cut.info.run_id, key) == _history(client, full["mlflow_run_id"], key), key
+    status = run_cli("status", str(run_dir), env=slurm_cluster.env, timeout=60).stdout
+    assert f"attempts   2: {job_id}#0 PREEMPTED, {job_id}#1 FINISHED" in status and "restarts 1" in status
 
 
 def _files(folder: Path) -> dict[str, bytes]:

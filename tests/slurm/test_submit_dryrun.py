@@ -115,6 +115,10 @@ def _stubs(tmp_path: Path) -> Path:
     (bin_dir / "srun").write_text(f"""#!/bin/bash
 printf '%s\\n' "$@" > {tmp_path}/srun.args
 printf '%s' "${{FOO-unset}}" > {tmp_path}/foo.env
+if [[ -n $STUB_WAIT ]]; then  # until the batch shell passed a SIGUSR1 on with scancel
+  touch {tmp_path}/srun.started
+  for _ in $(seq 600); do [[ -f {tmp_path}/scancel.log ]] && break; sleep 0.1; done
+fi
 [[ -n $STUB_STATUS ]] && printf '{{"status": "%s"}}' "$STUB_STATUS" > "$STUB_RUN_DIR/summary.json"
 [[ -n $STUB_LOG ]] && printf '%s\\n' "$STUB_LOG" >> "$STUB_RUN_DIR/log.rank1.txt"
 exit "${{STUB_RC:-0}}"
@@ -123,23 +127,32 @@ exit "${{STUB_RC:-0}}"
 if [[ $1 == show && $2 == hostnames ]]; then printf 'node%03d\\n' $(seq 1 "$SLURM_JOB_NUM_NODES"); exit 0; fi
 echo "$@" >> {tmp_path}/scontrol.log
 """)
+    (bin_dir / "scancel").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scancel.log\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     return bin_dir
 
 
-def _run_script(tmp_path: Path, script: str, run_dir: Path, nodes: int = 2, restarts: int = 0, cpus: str = "",
-                **stub: str) -> subprocess.CompletedProcess:
-    path = tmp_path / "job.sbatch"
-    path.write_text(script)
+def _script_env(tmp_path: Path, run_dir: Path, nodes: int, restarts: int, cpus: str, stub: dict) -> dict:
+    """Writes ``stub["script"]`` to job.sbatch; the environment of a job with the stubs first on PATH."""
+    stub = dict(stub)
+    (tmp_path / "job.sbatch").write_text(stub.pop("script"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{_stubs(tmp_path)}:{env['PATH']}", SLURM_JOB_ID="123457", SLURM_JOB_NUM_NODES=str(nodes),
                SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]", SLURM_RESTART_COUNT=str(restarts),
                STUB_RUN_DIR=str(run_dir), **{f"STUB_{k.upper()}": v for k, v in stub.items()})
     if cpus:
         env["SLURM_CPUS_PER_TASK"] = cpus
-    (tmp_path / "scontrol.log").unlink(missing_ok=True)
-    return subprocess.run(["bash", str(path)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    for log in ("scontrol.log", "scancel.log", "srun.started"):
+        (tmp_path / log).unlink(missing_ok=True)
+    return env
+
+
+def _run_script(tmp_path: Path, script: str, run_dir: Path, nodes: int = 2, restarts: int = 0, cpus: str = "",
+                **stub: str) -> subprocess.CompletedProcess:
+    env = _script_env(tmp_path, run_dir, nodes, restarts, cpus, {**stub, "script": script})
+    return subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_script_starts_torchrun_on_every_node_and_decides_on_requeue(capsys, tmp_path: Path) -> None:
@@ -177,6 +190,26 @@ def test_script_starts_torchrun_on_every_node_and_decides_on_requeue(capsys, tmp
     assert not (tmp_path / "scontrol.log").exists()
     outcomes = [json.loads(line)["outcome"] for line in (run_dir / "slurm" / "attempts.jsonl").read_text().splitlines()]
     assert outcomes == ["FINISHED", "PREEMPTED", "FAILED", "PREEMPTED", "PREEMPTED"]
+
+
+def test_usr1_to_the_batch_shell_is_passed_on_to_the_steps(capsys, tmp_path: Path) -> None:
+    """--signal=B:USR1@lead or scancel --batch: the batch shell survives and signals the steps (scancel)."""
+    script = _dry_run(capsys, "submit", RECIPE, "--nodes", "2", "--cluster", str(_cluster_file(tmp_path)),
+                      f"--run.output_dir={tmp_path}", "--run.name=b", "--dry-run")
+    env = _script_env(tmp_path, tmp_path / "b", 2, 0, "", {"script": script, "wait": "1", "status": "PREEMPTED",
+                                                           "rc": "1"})
+    proc = subprocess.Popen(["bash", str(tmp_path / "job.sbatch")], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "srun.started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "scancel.log").read_text() == "--signal=USR1 123457\n"
+    assert "passing it on to the job steps" in out and "ended: PREEMPTED (srun status 1)" in out
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 123457\n"
 
 
 def test_names_with_quotes_spaces_and_substitutions_stay_text(capsys, tmp_path: Path) -> None:
