@@ -265,6 +265,18 @@ def test_eval_and_prep_dry_runs(capsys, tmp_path: Path) -> None:
     assert "--slurm" not in shown and "--task-index" not in shown and "PREP_NO_MERGE=1" in array
     assert "MERGE_ARGS=(" in merge and "#SBATCH --dependency" not in merge  # the dependency is added at submission
 
+    # The tasks' command parses back to the same arguments (append, nargs and flags included), paths absolute.
+    out = _dry_run(capsys, "prep", "videolist", "--list", "train=a b.txt", "--list", "val=v.txt", "--root", "r",
+                   "--codec", "vp9", "--fps", "15", "--out", str(dest), "--slurm", "--cluster", cluster, "--dry-run")
+    settings = out.split("# settings")[1].split("set -euo pipefail")[0]
+    argv = subprocess.run(["bash", "-c", settings + '\nprintf "%s\\n" "${PREP_ARGS[@]}"'], capture_output=True,
+                          text=True).stdout.splitlines()
+    from vitpipe.cli import build_parser
+
+    args = build_parser().parse_args(["prep", *argv])
+    assert args.list == [("train", Path("a b.txt").resolve()), ("val", Path("v.txt").resolve())]
+    assert (args.root, args.codec, args.fps, args.out, args.slurm) == (Path("r").resolve(), "vp9", 15.0, dest, False)
+
 
 def test_status_and_cancel_need_submitted_jobs(capsys, tmp_path: Path) -> None:
     for command in ("submit", "status", "cancel"):
