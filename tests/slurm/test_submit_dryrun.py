@@ -278,6 +278,33 @@ def test_eval_and_prep_dry_runs(capsys, tmp_path: Path) -> None:
     assert (args.root, args.codec, args.fps, args.out, args.slurm) == (Path("r").resolve(), "vp9", 15.0, dest, False)
 
 
+def test_submission_writes_the_script_and_tags_an_existing_mlflow_run(capsys, monkeypatch, tmp_path: Path) -> None:
+    """Resubmitting a preempted run: the script lands in the run directory, the job in jobs.json and the run's
+    MLflow run (sbatch is a stub here)."""
+    from mlflow.tracking import MlflowClient
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/sbatch.args\necho "4711;localcluster"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    runs = tmp_path / "runs"
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    runs.mkdir()
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    (runs / "r").mkdir()
+    (runs / "r" / "summary.json").write_text(json.dumps({"status": "PREEMPTED", "mlflow_run_id": run_id,
+                                                         "tracking_uri": uri}))
+    out = _dry_run(capsys, "submit", RECIPE, "--nodes", "2", "--cluster", str(_cluster_file(tmp_path)),
+                   f"--run.output_dir={runs}", "--run.name=r")
+    script = runs / "r" / "slurm" / "train.sbatch"
+    assert "submitted training job 4711 (2 node(s))" in out and os.access(script, os.X_OK)
+    assert (tmp_path / "sbatch.args").read_text().split() == ["--parsable", str(script)]
+    assert [j["job_id"] for j in json.loads((runs / "r" / "slurm" / "jobs.json").read_text())["jobs"]] == ["4711"]
+    assert client.get_run(run_id).data.tags["vitpipe.slurm_job_id"] == "4711"
+
+
 def test_status_and_cancel_need_submitted_jobs(capsys, tmp_path: Path) -> None:
     for command in ("submit", "status", "cancel"):
         with pytest.raises(SystemExit) as exit_info:
