@@ -10,13 +10,14 @@ import torch
 
 from tests.conftest import ROOT, run_cli
 
-COMMANDS = ["demo", "prep", "prep imagenet", "train", "eval", "export", "config", "models", "ui"]
+COMMANDS = ["demo", "prep", "prep imagenet", "train", "eval", "export", "config", "models", "ui", "submit", "status",
+            "cancel", "viz"]
 
 
 def test_top_level_help_lists_every_command() -> None:
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for command in ("demo", "prep", "train", "eval", "ui", "config", "models"):
+    for command in ("demo", "prep", "train", "eval", "ui", "config", "models", "submit", "status", "cancel"):
         assert f"    {command}" in proc.stdout
 
 
@@ -86,7 +87,7 @@ def test_bf16_accumulation_and_checkpoint_rotation(digits_shards: Path, tmp_path
                    "--engine.grad_checkpointing=true", "--engine.peak_tflops=1.0", "--tracking.log_every_steps=2",
                    timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("train/mfu=") == 3 and "GFLOPs per image" in proc.stderr
+    assert proc.stderr.count("train/mfu=") == 3 and "GFLOPs per sample" in proc.stderr
     run_dir = tmp_path / "bf16"
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_00000004", "step_00000006"]  # rotated; no temporary directory left
