@@ -203,8 +203,8 @@ class ShardStream(IterableDataset):
 
 
 def _skip_and_count(exn: Exception) -> bool:
-    """Skips a sample that cannot be decoded, with a warning that names it (the stream goes on)."""
-    logger.warning("skipped an undecodable sample: %s", exn)
+    """Skips a sample that fails to decode or augment, with a warning (the stream goes on)."""
+    logger.warning("skipped a sample that failed to decode or augment: %r", exn)
     return True
 
 
@@ -225,7 +225,7 @@ def _seeded(seed: int | None) -> Iterator[None]:
         return
     state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues accelerator seeding
         random.seed(seed)
         np.random.seed(seed)
         try:

@@ -34,7 +34,23 @@ def randaugment(config: str, img_size: int, mean: tuple[float, ...]) -> Callable
     timm's ``transforms_imagenet_train``.
     """
     fill = tuple(int(round(255 * m)) for m in mean)
-    return rand_augment_transform(config, {"translate_const": int(img_size * 0.45), "img_mean": fill})
+    transform = rand_augment_transform(config, {"translate_const": int(img_size * 0.45), "img_mean": fill})
+    for op in transform.ops:
+        if op.aug_fn.__name__ == "posterize":
+            op.aug_fn = _posterize_at_least_one_bit
+    return transform
+
+
+def _posterize_at_least_one_bit(image: Any, bits: int, **kwargs: Any) -> Any:
+    """Posterize as timm does, with ``bits`` ≥ 1.
+
+    ``PosterizeIncreasing`` at magnitude 10 (reached through ``mstd`` noise or ``m10``) asks for 0 bits,
+    which Pillow ≥ 12 refuses with a ValueError (older Pillow returned a black image); 1 bit is the
+    strongest posterisation Pillow allows.
+    """
+    from PIL import ImageOps
+
+    return ImageOps.posterize(image, max(int(bits), 1)) if bits < 8 else image
 
 
 def train_transform(cfg: DataCfg) -> Callable[[Any], torch.Tensor]:

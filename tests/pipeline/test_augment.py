@@ -100,3 +100,19 @@ def test_batch_augment_is_a_function_of_seed_epoch_and_index() -> None:
     assert set(a) == {"input", "label", "target"} and a["input"].dtype == torch.float32
     plain = BatchAugment(IMAGENET_MEAN, IMAGENET_STD, seed=4)(pixels, labels, epoch=0, index=0)
     assert set(plain) == {"input", "label"}
+
+
+def test_randaugment_at_full_magnitude_never_fails() -> None:
+    """PosterizeIncreasing at magnitude 10 asks Pillow for 0 bits, which it refuses: clamped to 1 bit."""
+    import random
+
+    from PIL import Image
+
+    from pipeline.transforms import randaugment
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    augment = randaugment("rand-m10-n3-inc1", 32, IMAGENET_MEAN)
+    for seed in range(300):
+        random.seed(seed)
+        np.random.seed(seed)
+        assert augment(image).size == (32, 32)
