@@ -112,6 +112,11 @@ class SampleReader:
                 out.append(np.frombuffer(os.pread(fd, int(size), int(offset)), dtype=np.uint8))
         return first, second
 
+    def read_ranges(self, shard: int, ranges: np.ndarray) -> list[np.ndarray]:
+        """The bytes of ``ranges`` (``n×2`` offset, size) of one shard."""
+        fd = self._fd(shard)
+        return [np.frombuffer(os.pread(fd, int(size), int(offset)), dtype=np.uint8) for offset, size in ranges]
+
     def read(self, refs: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """``refs`` is ``n×2`` (shard, sample); returns the encoded images and the ``1``-element labels."""
         images, labels = self.read_raw(refs)
@@ -248,9 +253,6 @@ def _dali_deprecations_to_debug() -> Iterator[None]:
 
 def _check_video_codec(codec: str, device: str) -> None:
     """Refuses, up front, video shards that this DALI backend cannot decode."""
-    if codec == "jpeg":
-        raise LoaderError("data.backend = 'dali' reads mp4/webm video shards; JPEG frame sequences are read by "
-                          "data.backend = 'wds' (it decodes only the sampled frames)")
     if codec == "h264" and device == "cpu":
         raise LoaderError("DALI's CPU backend cannot decode H.264 (the PyPI wheel has VP8/VP9/MJPEG only): use "
                           "data.backend = 'wds' (PyAV), a GPU (data.dali_device = 'gpu'), or VP9 shards "

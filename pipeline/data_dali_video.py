@@ -13,14 +13,16 @@ and feeds both to ``fn.decoders.video(frames=...)``:
   as in :func:`pipeline.video.eval_views`.
 
 Codecs: on the GPU (``mixed``) H.264, HEVC, VP8/VP9, AV1; DALI's CPU backend decodes VP8/VP9/MJPEG
-only, so H.264 shards on a machine without a GPU need ``data.backend = 'wds'`` (PyAV), and JPEG
-frame sequences are always read by ``wds`` (which decodes only the sampled frames).
+only, so H.264 shards on a machine without a GPU need ``data.backend = 'wds'`` (PyAV). JPEG frame
+sequences: only the sampled ``fNNNN.jpg`` are read, one external-source output per clip position,
+decoded by ``decoders.image`` (nvJPEG on the GPU) and stacked into the clip.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,24 +33,33 @@ from pipeline.data_wds import LoaderError, Shard
 VIDEO_EXTS = ("mp4", "webm")
 
 
+@dataclass(frozen=True)
 class VideoShardIndex(ShardIndex):
-    """Byte ranges of one shard's encoded videos (``image`` holds the video's range) and json metadata."""
+    """Byte ranges of one shard's videos and json metadata (``label`` holds the json's range).
+
+    For mp4/webm samples ``image`` holds the encoded video's range; for JPEG frame sequences
+    ``frames[i]`` holds the ``(offset, size)`` of every ``fNNNN.jpg`` of sample ``i``, in frame order.
+    """
+
+    frames: list[np.ndarray] | None = None
 
     @classmethod
     def load(cls, shard: Shard) -> VideoShardIndex:
-        """Reads the ``.idx`` beside a shard's tar (``mp4`` or ``webm`` samples)."""
+        """Reads the ``.idx`` beside a shard's tar (``mp4``/``webm`` samples or JPEG frame sequences)."""
         entries = read_index(os.path.splitext(shard.url)[0] + ".idx")
         if len(entries) != shard.num_samples:
             raise LoaderError(f"{shard.url}: index lists {len(entries)} samples, dataset.json {shard.num_samples}")
-        videos, meta = [], []
-        for entry in entries:
-            ext = next((e for e in VIDEO_EXTS if e in entry), None)
-            if ext is None or "json" not in entry:
-                raise LoaderError(f"{shard.url}: samples have {sorted(entry)}; the dali backend reads mp4/webm "
-                                  "video shards (JPEG frame sequences: use data.backend = 'wds')")
-            videos.append(entry[ext])
-            meta.append(entry["json"])
-        return cls(shard.url, np.array(videos, np.int64), np.array(meta, np.int64))
+        if any("json" not in e for e in entries):
+            raise LoaderError(f"{shard.url}: a sample has no json component (frame count); re-run vitpipe prep")
+        meta = np.array([e["json"] for e in entries], np.int64)
+        if all(any(ext in e for ext in VIDEO_EXTS) for e in entries):
+            videos = [next(e[ext] for ext in VIDEO_EXTS if ext in e) for e in entries]
+            return cls(shard.url, np.array(videos, np.int64), meta)
+        frames = [np.array([e[k] for k in sorted(e) if k.startswith("f") and k.endswith(".jpg")], np.int64)
+                  for e in entries]
+        if any(len(f) == 0 for f in frames):
+            raise LoaderError(f"{shard.url}: samples are neither mp4/webm videos nor fNNNN.jpg frame sequences")
+        return cls(shard.url, np.zeros((len(entries), 2), np.int64), meta, frames)
 
 
 class VideoFeed:
@@ -77,8 +88,13 @@ class VideoFeed:
         rng = np.random.default_rng([*self.seed, position]) if self.train else None
         return sample_indices(n, self.spec, train=self.train, rng=rng).reshape(-1).astype(np.int32)
 
-    def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        """The next batch: encoded videos, frame indices, labels (``StopIteration`` after the plan)."""
+    def __call__(self) -> tuple[list[np.ndarray], ...]:
+        """The next batch (``StopIteration`` after the plan).
+
+        Returns:
+            Videos: ``(encoded videos, frame indices, labels)``. JPEG frame sequences: the sampled
+            frames' JPEG bytes as one output per clip position, then the labels.
+        """
         start = self.next * self.batch_size
         if start >= len(self.plan):
             raise StopIteration
@@ -90,7 +106,11 @@ class VideoFeed:
             meta = json.loads(raw.tobytes())
             frames.append(self.indices(meta, self.first + start + i))
             labels.append(np.array([int(meta["label"])], np.int64))
-        return videos, frames, labels
+        if self.reader.shards[0].frames is None:
+            return videos, frames, labels
+        jpegs = [self.reader.read_ranges(int(shard), self.reader.shards[int(shard)].frames[sample][idx])
+                 for (shard, sample), idx in zip(refs, frames, strict=True)]  # per sample: its sampled frames
+        return (*[list(position) for position in zip(*jpegs, strict=True)], labels)
 
 
 def build_video_pipeline(spec: Any, source: VideoFeed, *, train: bool, device: str, batch_size: int,
@@ -108,12 +128,21 @@ def build_video_pipeline(spec: Any, source: VideoFeed, *, train: bool, device: s
 
     size, decode_dev = spec.img_size, "mixed" if device == "gpu" else "cpu"
 
+    jpeg_frames = source.reader.shards[0].frames is not None
+    positions = spec.frames * (1 if train else spec.num_clips)  # frames per sample
+
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=2, enable_conditionals=bool(train and randaugment))
     def graph():  # noqa: ANN202 - DALI graph
-        encoded, frames, labels = fn.external_source(source=source, num_outputs=3, batch=True,
-                                                     dtype=[types.UINT8, types.INT32, types.INT64])
-        clips = fn.decoders.video(encoded, device=decode_dev, frames=frames, pad_mode="edge")  # F×H×W×3
+        if jpeg_frames:  # one output per clip position, decoded by nvJPEG (mixed) and stacked into F×H×W×3
+            *jpegs, labels = fn.external_source(source=source, num_outputs=positions + 1, batch=True,
+                                                dtype=[types.UINT8] * positions + [types.INT64])
+            frames = [fn.decoders.image(j, device=decode_dev, output_type=types.RGB) for j in jpegs]
+            clips = fn.stack(*frames, axis=0, axis_name="F")
+        else:
+            encoded, indices, labels = fn.external_source(source=source, num_outputs=3, batch=True,
+                                                          dtype=[types.UINT8, types.INT32, types.INT64])
+            clips = fn.decoders.video(encoded, device=decode_dev, frames=indices, pad_mode="edge")  # F×H×W×3
         if train:
             clips = fn.random_resized_crop(clips, size=[size, size], random_area=list(spec.scale),
                                            random_aspect_ratio=list(spec.ratio), interp_type=types.INTERP_LINEAR,
