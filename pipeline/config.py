@@ -38,6 +38,10 @@ class RunCfg:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Console and file log level."""
 
+    def __post_init__(self) -> None:
+        _check("/" not in self.name and self.name not in (".", ".."), "run.name", self.name,
+               "a single directory name (no '/'; the run directory is <output_dir>/<name>)")
+
 
 @dataclass(kw_only=True)
 class ModelCfg:

@@ -85,3 +85,11 @@ def test_dump_quotes_strings_safely(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(dump_toml(cfg))
     assert load_config(path).run.name == 'a "quoted" \\ name'
+
+
+def test_run_name_is_one_directory_name() -> None:
+    from pipeline.config import ConfigError, RunCfg
+
+    with pytest.raises(ConfigError, match="run.name"):
+        RunCfg(name="a/b")
+    assert RunCfg(name="it's $(x) ok").name == "it's $(x) ok"  # quoting is the Slurm renderer's job
