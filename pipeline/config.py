@@ -55,6 +55,12 @@ class ModelCfg:
     """Stochastic-depth rate at the last block (linearly increasing over depth)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the model's constructor (e.g. ``{ depth = 6 }``)."""
+    init_from: str = ""
+    """Weights to start from (``.safetensors`` from ``vitpipe export`` / ``<run>/final/``, or a torch state
+    dict); empty = random initialisation. A resumed run loads its checkpoint instead."""
+    init_mode: Literal["auto", "strict", "finetune", "inflate"] = "auto"
+    """How ``init_from`` is loaded: ``strict``; ``finetune`` (new classifier when the class count differs);
+    ``inflate`` (also image → video: 2-D kernels repeated over time / kt); ``auto`` (whatever the shapes need)."""
 
     def __post_init__(self) -> None:
         _check(self.num_classes >= 0, "model.num_classes", self.num_classes, ">= 0")

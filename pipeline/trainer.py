@@ -23,6 +23,7 @@ from timm.utils import ModelEmaV3
 
 from model.factory import count_params, create_model
 from model.flops import count_flops
+from model.pretrained import load_pretrained
 from model.registry import is_model
 from model.visualize import has_pictures, render_pictures
 from pipeline import checkpoint as ckpt
@@ -49,6 +50,8 @@ def check_startup(cfg: JobCfg) -> None:
     if cfg.optim.ema_decay and cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3:
         raise ConfigError(f"optim.ema_decay = {cfg.optim.ema_decay}: EMA needs whole weights on every rank; "
                           "not with engine.zero_stage = 3")
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
+        raise ConfigError(f"model.init_from = {cfg.model.init_from!r}: no such weights file")
     if not cfg.data.path:
         raise ConfigError("data.path = '': must name a dataset directory written by `vitpipe prep`")
     if not (Path(cfg.data.path) / "dataset.json").is_file():
@@ -134,6 +137,11 @@ class Trainer:
         _seed_everything(self.cfg.run.seed)
         net = create_model(m.name, num_classes=m.num_classes or len(self.classes), img_size=self.cfg.data.img_size,
                            drop_path_rate=m.drop_path_rate, **m.kwargs)
+        if m.init_from:
+            try:
+                load_pretrained(net, m.init_from, m.init_mode)
+            except ValueError as err:
+                raise ConfigError(f"model.init_from: {err}") from err
         self.num_params = count_params(net)
         self.flops_per_sample = count_flops(net, torch.zeros(1, *input_shape(self.cfg.data)))  # forward
         logger.info("model %s: %.3f M parameters, %.3f GFLOPs per sample", m.name, self.num_params / 1e6,
