@@ -241,6 +241,10 @@ class EngineCfg:
     """Channels-last memory format for weights and inputs (faster convolutions on GPUs)."""
     compile: bool = False
     """Compile the model with ``torch.compile`` (inductor) when the engine wraps it."""
+    cpu_threads: int = 0
+    """Intra-op threads of each training process on CPU; 0 = the cores left per process after its loader
+    workers (at least 1), unless ``OMP_NUM_THREADS`` is set. Torch's default (all cores) oversubscribes a
+    CPU machine whose cores also run the loader workers."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device in the training precision, for MFU (e.g. 989 for H100 bf16); 0: not logged."""
 

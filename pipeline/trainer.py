@@ -59,6 +59,16 @@ def check_startup(cfg: JobCfg) -> None:
                           "prepare the data with `vitpipe prep imagenet --src ... --out ...`")
 
 
+def _set_cpu_threads(requested: int, loader_workers: int, acc: Any) -> None:
+    """Sets the training process's intra-op threads on CPU (``engine.cpu_threads``; 0 = what is left)."""
+    if not requested and "OMP_NUM_THREADS" in os.environ:
+        return  # the launcher (torchrun sets 1 per process) or the user decided
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
+    threads = requested or max(1, (os.cpu_count() or 1) // local - loader_workers)
+    torch.set_num_threads(threads)
+    logger.info("CPU training: %d intra-op thread(s) per process", threads)
+
+
 def resolve_run_dir(cfg: JobCfg, recipe_stem: str, is_main: bool) -> Path:
     """Picks the run directory on rank 0 (``<output_dir>/<name>``) and shares it with all ranks.
 
@@ -98,6 +108,8 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
         self.rank, self.world_size = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
+        if self.device.type == "cpu":
+            _set_cpu_threads(cfg.engine.cpu_threads, cfg.data.num_workers, self.acc)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.mlflow_run_id: str | None = None
         self.run_dir = resolve_run_dir(cfg, recipe_stem, self.acc.is_main_process)
