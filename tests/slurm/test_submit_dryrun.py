@@ -214,7 +214,7 @@ def test_usr1_to_the_batch_shell_is_passed_on_to_the_steps(capsys, tmp_path: Pat
 
 def test_names_with_quotes_spaces_and_substitutions_stay_text(capsys, tmp_path: Path) -> None:
     runs = tmp_path / "my runs"
-    name = f"""it's "quoted" $(touch {tmp_path}/pwned1) `touch {tmp_path}/pwned2` #x"""
+    name = """it's "quoted" $(touch pwned1) `touch pwned2` #x"""  # no "/": a run name is one directory name
     experiment = f"exp $(touch {tmp_path}/pwned3);echo `touch {tmp_path}/pwned4`"
     env_value = f"$(touch {tmp_path}/pwned5)'\""
     cluster = _cluster_file(tmp_path, more=f'EXTRA = {json.dumps(env_value)}')
@@ -229,7 +229,7 @@ def test_names_with_quotes_spaces_and_substitutions_stay_text(capsys, tmp_path: 
 
     proc = _run_script(tmp_path, script, runs / name, status="FINISHED")
     assert proc.returncode == 0, proc.stderr
-    assert not list(tmp_path.glob("pwned*"))
+    assert not list(tmp_path.glob("pwned*")) and not list(ROOT.glob("pwned*"))  # the script's cwd and WORKDIR
     args = (tmp_path / "srun.args").read_text().splitlines()
     assert f"--tracking.experiment={experiment}" in args
     assert f"--run.name={json.dumps(name)}" in args  # TOML string: the trainer reads the name back exactly
