@@ -95,6 +95,9 @@ echo "done restart=${SLURM_RESTART_COUNT:-0}"
     slurm_cluster.run("scontrol", "requeue", job_id)
     # A requeued job is held for cred_expire + 1 s; releasing it at once needs the job back in PENDING.
     _wait_for(lambda: _queue_state(slurm_cluster, job_id) == "PENDING", 60, "the requeued job to be pending")
+    # Released in the same second as the requeue, slurmd refuses the launch credential (not newer than the
+    # revocation) and the job ends FAILED without output: let the second turn first.
+    time.sleep(2)
     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     result = slurm_cluster.wait_job(job_id, timeout=60)
     text = out.read_text()
