@@ -137,8 +137,8 @@ def input_shape(cfg: DataCfg) -> tuple[int, ...]:
     return (3, cfg.img_size, cfg.img_size)
 
 
-def video_sample_fns(cfg: DataCfg) -> tuple[SampleFn, SampleFn]:
-    """Per-sample functions for video shards: ``(train, eval)``.
+def video_sample_fn(cfg: DataCfg, *, train: bool) -> SampleFn:
+    """The per-sample function for video shards.
 
     Training: sample ``T`` frame indices, decode only those, one crop and flip for the whole clip, then
     RandAugment (or colour jitter) with the same draws for every frame → ``3×T×S×S`` uint8.
@@ -148,24 +148,23 @@ def video_sample_fns(cfg: DataCfg) -> tuple[SampleFn, SampleFn]:
     from pipeline.video import load_eval_views, load_train_clip
 
     spec = video_spec_of(cfg)
+    if not train:
+        return lambda sample: load_eval_views(sample, spec, normalize=False)
     color = clip_color_transform(cfg)
 
-    def train(sample: dict[str, Any]) -> torch.Tensor:
+    def clip_fn(sample: dict[str, Any]) -> torch.Tensor:
         seed = int(torch.randint(0, 2**62, ()).item())
         clip = load_train_clip(sample, spec, np.random.default_rng(seed), normalize=False)  # 3×T×S×S
         return apply_to_clip(color, clip) if color is not None else clip
 
-    def evaluate(sample: dict[str, Any]) -> torch.Tensor:
-        return load_eval_views(sample, spec, normalize=False)
-
-    return train, evaluate
+    return clip_fn
 
 
-def sample_fns(cfg: DataCfg) -> tuple[SampleFn, SampleFn]:
-    """The ``wds`` backend's per-sample ``(train, eval)`` functions for this data set (image or video)."""
+def sample_fn(cfg: DataCfg, *, train: bool) -> SampleFn:
+    """The ``wds`` backend's per-sample function for this data set (image or video), training or evaluation."""
     if is_video(cfg):
-        return video_sample_fns(cfg)
-    return image_sample_fn(train_transform(cfg)), image_sample_fn(eval_transform(cfg))
+        return video_sample_fn(cfg, train=train)
+    return image_sample_fn(train_transform(cfg) if train else eval_transform(cfg))
 
 
 def build_eval(cfg: JobCfg, split: str, *, rank: int, world_size: int, device: torch.device) -> EvalBatches:
@@ -177,7 +176,7 @@ def build_eval(cfg: JobCfg, split: str, *, rank: int, world_size: int, device: t
 
         loader: Any = DaliLoader(d, split, batch_size=batch, seed=0, train=False, rank=rank, world_size=world_size)
     else:
-        loader = build_eval_loader(d.path, split, sample_fns(d)[1], batch_size=batch,
+        loader = build_eval_loader(d.path, split, sample_fn(d, train=False), batch_size=batch,
                                    num_workers=d.num_workers, rank=rank, world_size=world_size)
     return EvalBatches(loader, device, d.mean, d.std)
 
@@ -199,7 +198,7 @@ def build_loaders(cfg: JobCfg, *, rank: int, world_size: int, device: torch.devi
         logger.info("dali loader on %s: %d steps/epoch per rank", train.device, train.steps_per_epoch)
     else:
         train = build_train_loader(
-            d.path, d.train_split, sample_fns(d)[0], batch_size=d.batch_size,
+            d.path, d.train_split, sample_fn(d, train=True), batch_size=d.batch_size,
             num_workers=d.num_workers, seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer,
             persistent_workers=d.persistent_workers, resample=d.resample_shards, rank=rank, world_size=world_size)
     evals = build_eval(cfg, d.val_split, rank=rank, world_size=world_size, device=device)

@@ -63,6 +63,14 @@ def video_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+def shifted_difference(a, b) -> float:  # noqa: ANN001 - tensors; torch is imported by the callers
+    """Mean |a − b| over the image interior, b allowed a one-pixel shift per axis: centre-crop offsets of
+    x.5 round differently in torchvision (to even) and DALI (up)."""
+    inner = a[..., 1:-1, 1:-1]
+    return min((inner - b[..., 1 + dy:b.shape[-2] - 1 + dy, 1 + dx:b.shape[-1] - 1 + dx]).abs().mean().item()
+               for dy in (-1, 0) for dx in (-1, 0))
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs ``python -m vitpipe ARGS`` and returns the completed process (text output captured)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

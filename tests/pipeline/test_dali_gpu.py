@@ -13,6 +13,7 @@ import torch
 
 from pipeline.config import DataCfg, EvalCfg, JobCfg
 from pipeline.data import build_eval, build_loaders
+from tests.conftest import shifted_difference
 
 pytestmark = pytest.mark.gpu
 
@@ -24,12 +25,6 @@ def cuda() -> torch.device:
     return torch.device("cuda", 0)
 
 
-def _shifted_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    inner = a[..., 1:-1, 1:-1]
-    return min((inner - b[..., 1 + dy:b.shape[-2] - 1 + dy, 1 + dx:b.shape[-1] - 1 + dx]).abs().mean().item()
-               for dy in (-1, 0) for dx in (-1, 0))
-
-
 def test_gpu_image_batches_match_the_cpu_backend(cuda: torch.device, digits_shards: Path) -> None:
     data = DataCfg(path=str(digits_shards), img_size=32, batch_size=16, backend="dali", dali_threads=2)
     gpu = list(build_eval(JobCfg(data=replace(data, dali_device="gpu")), "val", rank=0, world_size=1, device=cuda))
@@ -38,7 +33,7 @@ def test_gpu_image_batches_match_the_cpu_backend(cuda: torch.device, digits_shar
     assert len(gpu) == len(cpu)
     for a, b in zip(gpu, cpu, strict=True):
         assert a["input"].device.type == "cuda" and torch.equal(a["label"].cpu(), b["label"])
-        assert _shifted_difference(a["input"].cpu(), b["input"]) < 0.05  # nvJPEG vs libjpeg rounding
+        assert shifted_difference(a["input"].cpu(), b["input"]) < 0.05  # nvJPEG vs libjpeg rounding
     train, _ = build_loaders(JobCfg(data=replace(data, dali_device="gpu", randaugment="rand-m9-mstd0.5-inc1",
                                                  mixup=0.8, cutmix=1.0, reprob=0.25)),
                              rank=0, world_size=1, device=cuda, num_classes=10)

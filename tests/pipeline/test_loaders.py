@@ -14,6 +14,7 @@ from pipeline.config import DataCfg, JobCfg
 from pipeline.data import build_eval, build_loaders
 from pipeline.data_dali import DaliLoader, epoch_plan, read_index
 from pipeline.data_wds import build_train_loader, epoch_shard_order, read_split
+from tests.conftest import shifted_difference
 
 CPU = torch.device("cpu")
 
@@ -40,14 +41,6 @@ def test_training_batch_contract(digits_shards: Path, backend: str) -> None:
     assert -2.12 <= first["input"].min() < 0 < first["input"].max() <= 2.641
 
 
-def _shifted_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean |a − b| with b allowed a one-pixel shift per axis (centre-crop offsets x.5 round differently:
-    torchvision to even, DALI up)."""
-    inner = a[..., 1:-1, 1:-1]
-    return min((inner - b[..., 1 + dy:b.shape[-2] - 1 + dy, 1 + dx:b.shape[-1] - 1 + dx]).abs().mean().item()
-               for dy in (-1, 0) for dx in (-1, 0))
-
-
 def test_backends_agree_on_evaluation_batches(digits_shards: Path) -> None:
     """Same samples in the same order; pixels differ only by decoder/resizer rounding and crop offsets."""
     wds_batches = list(build_eval(_cfg(digits_shards, "wds"), "val", rank=1, world_size=2, device=CPU))
@@ -56,7 +49,7 @@ def test_backends_agree_on_evaluation_batches(digits_shards: Path) -> None:
     for a, b in zip(wds_batches, dali_batches, strict=True):
         assert torch.equal(a["label"], b["label"])
         assert a["input"].shape == b["input"].shape
-        assert _shifted_difference(a["input"], b["input"]) < 0.02  # normalised units (≈ 1 grey level)
+        assert shifted_difference(a["input"], b["input"]) < 0.02  # normalised units (≈ 1 grey level)
 
 
 def _keys(plan: np.ndarray) -> set[tuple[int, int]]:
