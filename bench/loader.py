@@ -328,7 +328,7 @@ def image_job(a: argparse.Namespace, path: Path, backend: str, dali_device: str 
 
 def ours(job: JobCfg, device: torch.device, num_classes: int) -> Callable[[int], Iterable[Any]]:
     """``epoch -> batches`` of :func:`pipeline.data.build_loaders` (the batch contract on ``device``)."""
-    from pipeline.data import build_loaders
+    from pipeline.data.loaders import build_loaders
 
     train, _ = build_loaders(job, rank=0, world_size=1, device=device, num_classes=num_classes)
 
@@ -349,7 +349,7 @@ def baseline(a: argparse.Namespace, folder: Path, cfg: DataCfg, num_classes: int
     from torchvision import datasets
     from torchvision import transforms as T
 
-    from pipeline.transforms import randaugment
+    from pipeline.data.sample_transforms import randaugment
 
     transform = T.Compose([
         T.RandomResizedCrop(cfg.img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     """Runs the requested parts and prints their tables."""
     a = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    skips = logging.getLogger("pipeline.data_wds")
+    skips = logging.getLogger("pipeline.data.wds")
     skips.addHandler(CountSkips())  # counted in the tables' last column instead of printed
     skips.propagate = False
     if a.device == "cuda" and not torch.cuda.is_available():

@@ -67,6 +67,85 @@ class ModelCfg:
         _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "in [0, 1)")
 
 
+#: StructViT video recipes (structvit.md §6.2-6.5): clip length, sampling and test views. A ``[data.video]``
+#: table with ``recipe = "k400"`` starts from these values; its own keys win.
+VIDEO_RECIPES: dict[str, dict[str, Any]] = {
+    "k400": dict(frames=16, stride=4, sampling="dense", num_clips=4, spatial_crops=1),
+    "ssv2": dict(frames=16, sampling="segment", num_clips=1, spatial_crops=3),
+    "diving48": dict(frames=32, sampling="segment", num_clips=1, spatial_crops=3),
+    "finegym": dict(frames=32, sampling="segment", num_clips=1, spatial_crops=3),
+}
+#: Recipes whose labels depend on direction (e.g. "pushing left to right"): ``data.hflip`` must be 0.
+NO_FLIP_VIDEO_RECIPES = frozenset({"ssv2", "diving48", "finegym"})
+
+
+@dataclass(kw_only=True)
+class VideoCfg:
+    """Video clips: how frames are sampled for training and which views evaluation averages."""
+
+    recipe: Literal["", "k400", "ssv2", "diving48", "finegym"] = ""
+    """Start from a named StructViT recipe's clip settings (its frames, sampling and views); the table's own
+    keys override them. Empty: the defaults below."""
+    frames: int = 16
+    """Frames per clip ``T``."""
+    stride: int = 4
+    """Dense sampling: frame step ``τ`` between clip frames, in stored frames (ignored by segment sampling)."""
+    sampling: Literal["dense", "segment"] = "dense"
+    """``dense`` (Kinetics: ``T`` frames ``τ`` apart) or ``segment`` (SSv2/Diving-48/FineGym: one frame from
+    each of ``T`` equal segments, TSN style)."""
+    short_video: Literal["clamp", "loop"] = "clamp"
+    """Dense sampling of a video shorter than the clip span: ``clamp`` repeats the last frame, ``loop`` wraps
+    round to frame 0."""
+    num_clips: int = 1
+    """Evaluation: temporal clips per video (dense: evenly spaced starts; segment: offsets within segments)."""
+    spatial_crops: int = 1
+    """Evaluation: 1 (centre) or 3 (left/centre/right, or top/centre/bottom, along the long side)."""
+    train_crop: Literal["rrc", "short_side"] = "rrc"
+    """Training crop: ``rrc`` (random-resized crop with ``data.crop_scale``/``crop_ratio``) or ``short_side``
+    (resize the short side to a random length in ``short_side_range``, then a random ``S × S`` crop)."""
+    short_side_range: tuple[int, int] = (256, 320)
+    """``short_side``: inclusive range of the resized short side (both >= ``data.img_size``)."""
+    eval_short_side: int = 0
+    """Evaluation: resize the short side to this before cropping; 0 means ``data.img_size``."""
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    """Resize filter (antialiased when downscaling)."""
+    webm_backend: Literal["auto", "dali", "pyav"] = "auto"
+    """VP9 decoder of the ``wds`` backend: ``dali``, ``pyav`` or ``auto`` (DALI when installed)."""
+
+    def __post_init__(self) -> None:
+        for key in ("frames", "stride", "num_clips"):
+            _check(getattr(self, key) >= 1, f"data.video.{key}", getattr(self, key), ">= 1")
+        _check(self.spatial_crops in (1, 3), "data.video.spatial_crops", self.spatial_crops, "1 or 3")
+        lo, hi = self.short_side_range
+        _check(0 < lo <= hi, "data.video.short_side_range", self.short_side_range, "0 < min <= max")
+        _check(self.eval_short_side >= 0, "data.video.eval_short_side", self.eval_short_side, ">= 0")
+
+    @staticmethod
+    def with_recipe(table: dict[str, Any]) -> dict[str, Any]:
+        """The table with its named recipe's values filled in under the table's own keys.
+
+        Raises:
+            ConfigError: For an unknown recipe name.
+        """
+        recipe = table.get("recipe", "")
+        if recipe and recipe not in VIDEO_RECIPES:
+            raise ConfigError(f"data.video.recipe = {recipe!r}: must be one of {', '.join(map(repr, VIDEO_RECIPES))}")
+        return {**VIDEO_RECIPES.get(recipe, {}), **table}
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> VideoCfg:
+        """Builds the section from a plain table (Python callers; recipes go through :mod:`pipeline.config_io`).
+
+        Raises:
+            ConfigError: For an unknown key or a bad value.
+        """
+        try:
+            return cls(**cls.with_recipe(dict(table)))
+        except TypeError as err:
+            raise ConfigError(f"data.video: {err}") from err
+
+
+
 @dataclass(kw_only=True)
 class DataCfg:
     """Input data: shards written by ``vitpipe prep`` and the CPU augmentation applied to them."""
@@ -124,11 +203,10 @@ class DataCfg:
     """Probability of mixing a batch at all when mixup or cutmix is on."""
     mixup_switch_prob: float = 0.5
     """Probability of CutMix rather than mixup when both are on."""
-    video: dict[str, Any] = field(default_factory=dict)
-    """Video data sets: clip sampling and views, the fields of :class:`pipeline.video.VideoSpec` (``frames``,
-    ``stride``, ``sampling`` = dense|segment, ``flip``, ``num_clips``, ``spatial_crops``, ...), optionally
-    starting from a named ``recipe`` (k400, ssv2, diving48, finegym). ``img_size``, ``mean``, ``std``,
-    ``crop_scale``/``crop_ratio`` (as scale/ratio) and ``hflip`` (> 0 = flip) come from this section."""
+    video: VideoCfg = field(default_factory=lambda: VideoCfg())
+    """Video data sets: clip sampling and evaluation views (the ``[data.video]`` table). The crop size,
+    crop scale/ratio, flip and normalisation of clips are the keys above (``img_size``, ``crop_scale``,
+    ``crop_ratio``, ``hflip`` > 0, ``mean``, ``std``)."""
 
     def __post_init__(self) -> None:
         _check(self.img_size >= 8, "data.img_size", self.img_size, ">= 8")
@@ -151,6 +229,15 @@ class DataCfg:
             _check(getattr(self, key) >= 0.0, f"data.{key}", getattr(self, key), ">= 0")
         for key in ("reprob", "mixup_prob", "mixup_switch_prob"):
             _check(0.0 <= getattr(self, key) <= 1.0, f"data.{key}", getattr(self, key), "in [0, 1]")
+        if isinstance(self.video, dict):  # built in Python: DataCfg(video={"recipe": "ssv2", ...})
+            self.video = VideoCfg.from_table(self.video)
+        v = self.video
+        _check(self.img_size <= v.short_side_range[0], "data.video.short_side_range",
+               v.short_side_range, f"img_size ({self.img_size}) <= min <= max")
+        _check(v.eval_short_side == 0 or v.eval_short_side >= self.img_size, "data.video.eval_short_side",
+               v.eval_short_side, f"0 or >= data.img_size ({self.img_size})")
+        _check(not (v.recipe in NO_FLIP_VIDEO_RECIPES and self.hflip > 0), "data.hflip", self.hflip,
+               f"0 with data.video.recipe = {v.recipe!r} (its labels depend on direction; the paper does not flip)")
 
 
 @dataclass(kw_only=True)

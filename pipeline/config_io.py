@@ -90,6 +90,8 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{where} = {raw!r}: must be a table of keys")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if hasattr(cls, "with_recipe"):  # a section that can start from a named recipe (data.video)
+        raw = cls.with_recipe(raw)
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else key
@@ -159,22 +161,36 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def flatten(cfg: JobCfg) -> dict[str, Any]:
-    """Returns ``{"section.key": value}`` for every field (for MLflow params)."""
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Returns ``{"section.key": value}`` for every field, nested sections dotted (for MLflow params)."""
     out = {}
-    for section, table in to_dict(cfg).items():
-        for key, value in table.items():
-            out[f"{section}.{key}"] = value
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{key}."))
+        else:
+            out[key] = _plain(value)
     return out
 
 
 def dump_toml(cfg: JobCfg) -> str:
     """Renders the resolved config as TOML that :func:`load_config` reads back to an equal config."""
     lines = ["# Resolved vitpipe run configuration (recipe + overrides + defaults)."]
-    for section, table in to_dict(cfg).items():
-        lines.append(f"\n[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+    for section in dataclasses.fields(cfg):
+        lines.extend(_toml_table(getattr(cfg, section.name), section.name))
     return "\n".join(lines) + "\n"
+
+
+def _toml_table(cfg: Any, name: str) -> list[str]:
+    """``[name]`` with the section's keys, then its nested sections as ``[name.key]`` tables."""
+    lines, nested = [f"\n[{name}]"], []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            nested.extend(_toml_table(value, f"{name}.{f.name}"))
+        else:
+            lines.append(f"{f.name} = {_toml_value(_plain(value))}")
+    return lines + nested
 
 
 def _toml_value(value: Any) -> str:
@@ -202,12 +218,18 @@ def field_docs(cls: type = JobCfg) -> list[tuple[str, str, str]]:
     Returns:
         ``(dotted key, default as TOML, docstring)`` tuples, in declaration order.
     """
+    return _field_rows(cls(), "")
+
+
+def _field_rows(cfg: Any, prefix: str) -> list[tuple[str, str, str]]:
     rows = []
-    defaults = to_dict(cls())
-    for section in dataclasses.fields(cls):
-        docs = _attribute_docstrings(typing.get_type_hints(cls)[section.name])
-        for key, default in defaults[section.name].items():
-            rows.append((f"{section.name}.{key}", _toml_value(default), docs.get(key, "")))
+    docs = _attribute_docstrings(type(cfg)) if prefix else {}
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            rows.extend(_field_rows(value, f"{key}."))
+        else:
+            rows.append((key, _toml_value(_plain(value)), docs.get(f.name, "")))
     return rows
 
 

@@ -7,7 +7,7 @@ accelerate's ``Accelerator`` is the engine, with two backends:
   (bf16 with fp32 master weights and fp32 gradient accumulation, clipping, optional optimizer
   offload to the CPU).
 
-Loaders are *not* passed through it: they shard themselves by rank (:mod:`pipeline.data_wds`).
+Loaders are *not* passed through it: they shard themselves by rank (:mod:`pipeline.data.wds`).
 The order of wrapping is fixed here: process group → model on device → engine wrapper →
 optimizer bound to it.
 """

@@ -29,8 +29,8 @@ from model.visualize import has_pictures, render_pictures
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, JobCfg
 from pipeline.config_io import dump_toml, flatten
-from pipeline.data import build_loaders, input_shape
-from pipeline.data_wds import read_split
+from pipeline.data.loaders import build_loaders, input_shape
+from pipeline.data.shards import read_split
 from pipeline.dist import all_reduce_sum, broadcast_object
 from pipeline.engine import build_accelerator, deepspeed_config, input_dtype
 from pipeline.evaluate import evaluate

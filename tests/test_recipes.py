@@ -1,6 +1,6 @@
 """The run recipes under jobs/: every one loads through the real config loader and says what its paper says.
 
-Video recipes must resolve ``data.video`` to a :class:`~pipeline.video.VideoSpec` with the spec's clip length,
+Video recipes must resolve ``data.video`` to a :class:`~pipeline.data.video.VideoSpec` with the spec's clip length,
 sampling, flip and test views (structvit.md §6.2-6.5); the ImageNet recipes trained with the DeiT recipe must
 mix (mixup and CutMix on); and no ``TODO`` comment may still ask for a key the config has now.
 """
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import JobCfg
+from pipeline.config import JobCfg, VideoCfg
 from pipeline.config_io import dump_toml, load_config
-from pipeline.data import video_spec_of
-from pipeline.transforms import randaugment, train_transform
+from pipeline.data.sample_transforms import randaugment, train_transform
+from pipeline.data.video import video_spec_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "jobs").rglob("*.toml"))
@@ -102,7 +102,7 @@ def test_recipe_loads_and_round_trips(path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=_id)
 def test_video_table_only_in_video_recipes(path: Path) -> None:
-    assert bool(load_config(path).data.video) == (_id(path) in VIDEO)
+    assert (load_config(path).data.video != VideoCfg()) == (_id(path) in VIDEO)
 
 
 @pytest.mark.parametrize("rel", sorted(VIDEO))
@@ -139,7 +139,7 @@ def test_deit_style_recipes_mix_and_augment(rel: str) -> None:
     assert d.mixup > 0 and d.cutmix > 0
     assert (d.mixup, d.cutmix, d.mixup_prob, d.mixup_switch_prob, d.reprob) == (0.8, 1.0, 1.0, 0.5, 0.25)
     assert d.randaugment == "rand-m9-mstd0.5-inc1" and d.color_jitter == 0.4
-    assert not d.video
+    assert d.video == VideoCfg()
     train_transform(d)  # the real image transform builds (RandAugment parsed by timm)
 
 

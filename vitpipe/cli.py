@@ -48,8 +48,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from pipeline.config import ConfigError
 
     errors: list[type[BaseException]] = [UserError, ConfigError, PrepError, FileNotFoundError]
-    if "pipeline.data_wds" in sys.modules:
-        errors.append(sys.modules["pipeline.data_wds"].LoaderError)
+    if "pipeline.data.wds" in sys.modules:
+        errors.append(sys.modules["pipeline.data.wds"].LoaderError)
     if "pipeline.export" in sys.modules:
         errors.append(sys.modules["pipeline.export"].ExportError)
     if "model.factory" in sys.modules:

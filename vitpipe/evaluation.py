@@ -18,8 +18,8 @@ def evaluate_run(run_dir: Path, weights: str | None, split: str | None, override
 
     from model.factory import create_model
     from pipeline.config_io import load_config
-    from pipeline.data import build_eval
-    from pipeline.data_wds import read_split
+    from pipeline.data.loaders import build_eval
+    from pipeline.data.shards import read_split
     from pipeline.evaluate import evaluate
 
     cfg = load_config(_config_of(run_dir), overrides)
@@ -44,7 +44,7 @@ def export_run(run_dir: Path, checkpoint: str, out: str | None) -> Path:
     from model.factory import create_model
     from pipeline.checkpoint import export_weights, read_trainer_state
     from pipeline.config_io import load_config
-    from pipeline.data_wds import read_split
+    from pipeline.data.shards import read_split
     from pipeline.export import consolidate
 
     cfg = load_config(_config_of(run_dir))

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.video import (
+from pipeline.data.decode import dali_available
+from pipeline.data.video import (
     VideoDecodeError,
     VideoSpec,
     crop_offsets,
@@ -33,7 +34,6 @@ from pipeline.video import (
     train_augment,
     video_spec,
 )
-from pipeline.video_decode import dali_available
 
 N, W, H, FPS = 24, 64, 48, 8
 TOL = 4  # grey levels; frames are 10 apart
@@ -211,7 +211,7 @@ def test_decode_returns_the_requested_frames(samples: dict[str, dict], fmt: str)
 def test_pyav_seeks_over_frames_it_does_not_need(samples: dict[str, dict], caplog: pytest.LogCaptureFixture,
                                                  fmt: str, most: int) -> None:
     sample, backend = _sample_and_backend(samples, fmt)
-    with caplog.at_level(logging.DEBUG, logger="pipeline.video_decode"):
+    with caplog.at_level(logging.DEBUG, logger="pipeline.data.decode"):
         frames = decode_frames(sample, [3, 20], webm_backend=backend, seek_gap=4)
     np.testing.assert_allclose(levels(frames), [30, 200], atol=TOL)
     decoded = int(re.search(r"decoded (\d+) frames", caplog.text).group(1))

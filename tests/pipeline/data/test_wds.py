@@ -9,15 +9,9 @@ import pytest
 import torch
 
 from pipeline.config import DataCfg
-from pipeline.data_wds import (
-    LoaderError,
-    build_eval_loader,
-    build_train_loader,
-    epoch_shard_order,
-    image_sample_fn,
-    read_split,
-)
-from pipeline.transforms import eval_transform, train_transform
+from pipeline.data.sample_transforms import eval_transform, train_transform
+from pipeline.data.shards import LoaderError, epoch_shard_order, read_split
+from pipeline.data.wds import build_eval_loader, build_train_loader, image_sample_fn
 
 DATA = DataCfg(img_size=32, batch_size=16, hflip=0.0, crop_scale=(0.8, 1.0))
 

@@ -33,7 +33,6 @@ import itertools
 import logging
 import multiprocessing
 import random
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,47 +44,16 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.shard import load_dataset_info
+from pipeline.data.shards import (
+    Shard,
+    check_shards,
+    epoch_shard_order,
+    read_split,
+    seed_of,
+    steps_per_epoch,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class LoaderError(ValueError):
-    """A user-fixable problem with the data set or the loader settings."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One tar shard of a split."""
-
-    url: str
-    """Path of the tar file."""
-    num_samples: int
-    """Samples it holds (from ``dataset.json``)."""
-
-
-def read_split(dataset_dir: str | Path, split: str) -> tuple[list[Shard], list[str]]:
-    """Lists a split's shards and the class ids from ``dataset.json``.
-
-    Args:
-        dataset_dir: Directory written by ``vitpipe prep``.
-        split: Split name, e.g. ``"train"``.
-
-    Returns:
-        The shards in file order, and the class ids in label order.
-    """
-    info = load_dataset_info(Path(dataset_dir))
-    if split not in info["splits"]:
-        raise LoaderError(f"{dataset_dir}: no split {split!r}; it has {', '.join(info['splits'])}")
-    folder = Path(dataset_dir) / split
-    shards = [Shard(str(folder / s["name"]), int(s["num_samples"])) for s in info["splits"][split]["shards"]]
-    return shards, list(info["classes"])
-
-
-def epoch_shard_order(shards: list[Shard], seed: int, epoch: int) -> list[Shard]:
-    """The shard permutation of one epoch, the same on every rank and worker."""
-    rng = np.random.default_rng([seed, epoch])
-    return [shards[i] for i in rng.permutation(len(shards))]
 
 
 SampleFn = Callable[[dict[str, Any]], torch.Tensor]
@@ -180,7 +148,7 @@ class ShardStream(IterableDataset):
         stages: list[Any] = [lambda: ({"url": url} for url in self._urls()),
                              wds.tarfile_to_samples(handler=wds.warn_and_continue)]
         if self.train:
-            rng = random.Random(_seed_of(self.seed, self.epoch, self.rank, worker))
+            rng = random.Random(seed_of(self.seed, self.epoch, self.rank, worker))
             stages += [wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), rng=rng),
                        self._number_and_skip]
         stages.append(wds.map(self._transform, handler=_skip_and_count))
@@ -193,7 +161,7 @@ class ShardStream(IterableDataset):
         skip = ((k - worker + num_workers - 1) // num_workers if k > worker else 0) * self.batch_size
         for position, sample in enumerate(samples):
             if position >= skip:
-                sample["__seed__"] = _seed_of(self.seed, self.epoch, self.rank, worker, position)
+                sample["__seed__"] = seed_of(self.seed, self.epoch, self.rank, worker, position)
                 yield sample
 
     def _transform(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -206,11 +174,6 @@ def _skip_and_count(exn: Exception) -> bool:
     """Skips a sample that fails to decode or augment, with a warning (the stream goes on)."""
     logger.warning("skipped a sample that failed to decode or augment: %r", exn)
     return True
-
-
-def _seed_of(*parts: int) -> int:
-    """A 32-bit seed from integers, the same in every process (unlike ``hash`` of strings)."""
-    return zlib.crc32("/".join(map(str, parts)).encode())
 
 
 @contextlib.contextmanager
@@ -267,26 +230,6 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for inputs, labels in self.loader:
             yield {"input": inputs, "label": labels}
-
-
-def check_shards(shards: list[Shard], split: str, world_size: int, num_workers: int, resample: bool) -> None:
-    """Refuses a split with fewer shards than ranks × workers (some worker would get none) unless resampling."""
-    workers = max(num_workers, 1)
-    if len(shards) < world_size * workers and not resample:
-        raise LoaderError(
-            f"{split} has {len(shards)} shards but {world_size} ranks × {workers} workers need at least "
-            f"{world_size * workers}: re-shard with a smaller --shard-size, lower data.num_workers, or set "
-            "data.resample_shards = true (shards are then drawn with repetition within an epoch)")
-
-
-def steps_per_epoch(shards: list[Shard], split: str, world_size: int, batch_size: int) -> int:
-    """``samples // (ranks × batch)``: the same number of batches on every rank."""
-    total = sum(s.num_samples for s in shards)
-    steps = total // (world_size * batch_size)
-    if steps == 0:
-        raise LoaderError(f"{split} has {total} samples, fewer than one global batch of "
-                          f"{world_size} × {batch_size}: lower data.batch_size")
-    return steps
 
 
 def build_train_loader(

@@ -3,7 +3,7 @@
 Training follows timm's ``transforms_imagenet_train`` (what DeiT and Swin use): random-resized crop
 (bicubic), horizontal flip, then RandAugment — or, when RandAugment is off, colour jitter. The
 result stays ``uint8``: normalisation, random erasing and mixup/CutMix run on the training device
-(:mod:`pipeline.augment`), where the DALI backend's batches get the very same treatment.
+(:mod:`pipeline.data.batch_augment`), where the DALI backend's batches get the very same treatment.
 """
 
 from __future__ import annotations

@@ -19,118 +19,37 @@ The graph (training): ``decoders.image_random_crop`` (nvJPEG + hardware decoder 
 random-resized crop is decoded as a region of interest) → bicubic ``resize`` → RandAugment (DALI's
 ``auto_aug.rand_augment``; timm's magnitude scale, no magnitude noise) or colour twist → flip →
 ``uint8`` CHW. Normalisation, random erasing and mixup/CutMix follow on the device in
-:mod:`pipeline.augment`, exactly as for ``wds``.
+:mod:`pipeline.data.batch_augment`, exactly as for ``wds``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import re
 import warnings
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import torch
+from data_prep.format import load_dataset_info
 
-from data_prep.shard import load_dataset_info
 from pipeline.config import DataCfg
-from pipeline.data_wds import LoaderError, Shard, check_shards, epoch_shard_order, read_split, steps_per_epoch
+from pipeline.data.dali_base import SampleReader, ShardIndex, parse_randaugment
+from pipeline.data.shards import (
+    LoaderError,
+    Shard,
+    check_shards,
+    epoch_shard_order,
+    read_split,
+    seed_of,
+    steps_per_epoch,
+)
 
 logger = logging.getLogger(__name__)
 
 # Hardware-decoder memory pads from NVIDIA's ResNet-50 example: avoid reallocations on the first batches.
 _DEVICE_PAD, _HOST_PAD = 211_025_920, 140_544_512
-
-
-def read_index(path: str | Path) -> list[dict[str, tuple[int, int]]]:
-    """Parses a DALI webdataset index (``v1.2 N`` then ``ext offset size name`` groups per sample).
-
-    Returns:
-        One ``{ext: (offset, size)}`` per sample, in tar order.
-    """
-    lines = Path(path).read_text().splitlines()
-    if not lines or not lines[0].startswith("v1."):
-        raise LoaderError(f"{path}: not a DALI index file (run `vitpipe prep verify`)")
-    samples = []
-    for line in lines[1:]:
-        fields = line.split()
-        if len(fields) % 4:  # v1.2: ext offset size name
-            raise LoaderError(f"{path}: malformed index line {line[:80]!r}")
-        samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)})
-    return samples
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """Byte ranges of one shard's images and labels."""
-
-    path: str
-    image: np.ndarray
-    """``N×2`` int64 (offset, size) of each sample's jpg/png."""
-    label: np.ndarray
-    """``N×2`` int64 (offset, size) of each sample's ``lbl`` (int64 little-endian) component."""
-
-    @classmethod
-    def load(cls, shard: Shard) -> ShardIndex:
-        """Reads the ``.idx`` beside a shard's tar."""
-        entries = read_index(Path(shard.url).with_suffix(".idx"))
-        if len(entries) != shard.num_samples:
-            raise LoaderError(f"{shard.url}: index lists {len(entries)} samples, dataset.json {shard.num_samples}")
-        try:
-            image = [e.get("jpg", e.get("jpeg", e.get("png"))) for e in entries]
-            return cls(shard.url, np.array(image, dtype=np.int64), np.array([e["lbl"] for e in entries], np.int64))
-        except (KeyError, TypeError, ValueError) as err:
-            raise LoaderError(f"{shard.url}: a sample lacks a jpg/png or lbl component ({err}); "
-                              "the dali backend reads image shards written by `vitpipe prep`") from err
-
-
-class SampleReader:
-    """Reads image bytes and labels by ``(shard, sample)`` with ``pread`` (file handles kept open)."""
-
-    def __init__(self, shards: list[ShardIndex]) -> None:
-        self.shards = shards
-        self._fds: dict[int, int] = {}
-
-    def _fd(self, shard: int) -> int:
-        if shard not in self._fds:
-            self._fds[shard] = os.open(self.shards[shard].path, os.O_RDONLY)
-        return self._fds[shard]
-
-    def read_raw(self, refs: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """``refs`` is ``n×2`` (shard, sample); returns the bytes of each sample's two indexed ranges."""
-        first, second = [], []
-        for shard, sample in refs:
-            fd, idx = self._fd(int(shard)), self.shards[int(shard)]
-            for ranges, out in ((idx.image, first), (idx.label, second)):
-                offset, size = ranges[sample]
-                out.append(np.frombuffer(os.pread(fd, int(size), int(offset)), dtype=np.uint8))
-        return first, second
-
-    def read_ranges(self, shard: int, ranges: np.ndarray) -> list[np.ndarray]:
-        """The bytes of ``ranges`` (``n×2`` offset, size) of one shard."""
-        fd = self._fd(shard)
-        return [np.frombuffer(os.pread(fd, int(size), int(offset)), dtype=np.uint8) for offset, size in ranges]
-
-    def read(self, refs: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """``refs`` is ``n×2`` (shard, sample); returns the encoded images and the ``1``-element labels."""
-        images, labels = self.read_raw(refs)
-        return images, [raw.view("<i8").astype(np.int64) for raw in labels]
-
-    def close(self) -> None:
-        """Closes the open shard files."""
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _seed(*parts: int) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 def epoch_plan(shards: list[Shard], sizes: list[int], *, seed: int, epoch: int, rank: int, world_size: int,
@@ -170,15 +89,6 @@ def resolve_device(cfg: DataCfg) -> str:
     if cfg.dali_device == "gpu" and not torch.cuda.is_available():
         raise LoaderError("data.dali_device = 'gpu' but CUDA is not available: use 'cpu' or 'auto'")
     return cfg.dali_device
-
-
-def parse_randaugment(config: str) -> tuple[int, int]:
-    """``rand-m9-n2-mstd0.5-inc1`` → ``(n, m)``; DALI has no magnitude noise (``mstd``), logged once."""
-    fields = dict(re.findall(r"(mstd|inc|m|n|w|p)([\d.]+)", config))
-    if "mstd" in fields and float(fields["mstd"]) > 0:
-        logger.info("dali RandAugment: magnitude noise mstd=%s is not available in DALI; using a fixed m",
-                    fields["mstd"])
-    return int(fields.get("n", 2)), int(float(fields.get("m", 9)))
 
 
 def build_pipeline(cfg: DataCfg, source: object, *, train: bool, device: str, batch_size: int, seed: int,
@@ -290,17 +200,17 @@ class DaliLoader:
         self.epoch, self.skip = 0, 0
         self.video_spec = None
         info = load_dataset_info(cfg.path)
-        if info.get("kind") == "video":
-            from pipeline.data import video_spec_of
+        if info.kind == "video":
+            from pipeline.data.video import video_spec_of
 
             self.video_spec = video_spec_of(cfg)
-            _check_video_codec(info.get("options", {}).get("codec", ""), self.device)
+            _check_video_codec(info.options.get("codec", ""), self.device)
 
     @cached_property
     def reader(self) -> SampleReader:
         """Byte ranges of every shard of the split (read once)."""
         if self.video_spec is not None:
-            from pipeline.data_dali_video import VideoShardIndex
+            from pipeline.data.dali_video import VideoShardIndex
 
             return SampleReader([VideoShardIndex.load(s) for s in self.shards])
         return SampleReader([ShardIndex.load(s) for s in self.shards])
@@ -331,7 +241,7 @@ class DaliLoader:
             return build_pipeline(self.cfg, _Feed(self.reader, plan, self.batch_size), train=self.train,
                                   device=self.device, batch_size=self.batch_size, seed=seed,
                                   device_id=self.device_id)
-        from pipeline.data_dali_video import VideoFeed, build_video_pipeline
+        from pipeline.data.dali_video import VideoFeed, build_video_pipeline
 
         feed = VideoFeed(self.reader, plan, self.batch_size, self.video_spec, train=self.train,
                          seed=(self.seed, self.epoch, self.rank), first=self.skip * self.batch_size)
@@ -348,7 +258,7 @@ class DaliLoader:
         plan = self._plan()
         if not len(plan):
             return
-        seed = _seed(self.seed, self.epoch, self.rank, self.skip) if self.train else 0
+        seed = seed_of(self.seed, self.epoch, self.rank, self.skip) & 0x7FFFFFFF if self.train else 0
         pipe = self._pipeline(plan, seed)
         batches = DALIGenericIterator([pipe], ["input", "label"], auto_reset=False,
                                       last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)

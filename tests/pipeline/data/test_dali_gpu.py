@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import DataCfg, EvalCfg, JobCfg
-from pipeline.data import build_eval, build_loaders
+from pipeline.data.loaders import build_eval, build_loaders
 from tests.conftest import shifted_difference
 
 pytestmark = pytest.mark.gpu

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_prep.format import read_index
 
 from pipeline.config import DataCfg, JobCfg
-from pipeline.data import build_eval, build_loaders
-from pipeline.data_dali import DaliLoader, epoch_plan, read_index
-from pipeline.data_wds import build_train_loader, epoch_shard_order, read_split
+from pipeline.data.dali import DaliLoader, epoch_plan
+from pipeline.data.loaders import build_eval, build_loaders
+from pipeline.data.shards import epoch_shard_order, read_split
+from pipeline.data.wds import build_train_loader
 from tests.conftest import shifted_difference
 
 CPU = torch.device("cpu")

@@ -8,7 +8,7 @@ randomness comes from an explicit ``numpy.random.Generator``, never from global 
 * Frame samplers (integers only; ``n`` = frames in the video, ``T`` = clip length, ``τ`` = stride):
   :func:`dense_train_indices`, :func:`dense_eval_indices`, :func:`segment_train_indices`,
   :func:`segment_eval_indices`, dispatched by :func:`sample_indices`.
-* Decoding (:mod:`pipeline.video_decode`): :func:`decode_frames` decodes only the sampled frames.
+* Decoding (:mod:`pipeline.data.decode`): :func:`decode_frames` decodes only the sampled frames.
 * Augmentation on a ``(T, H, W, 3)`` uint8 clip -> normalised float32 ``(3, T, S, S)``:
   :func:`train_augment` (one crop and one flip decision for all frames), :func:`eval_augment`,
   :func:`eval_views` (``num_clips × spatial_crops`` views).
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.video_decode import VideoDecodeError, WebmBackend, decode_frames, num_frames
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, NO_FLIP_VIDEO_RECIPES, VIDEO_RECIPES, DataCfg
+from pipeline.data.decode import VideoDecodeError, WebmBackend, decode_frames, num_frames
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +41,16 @@ TrainCrop = Literal["rrc", "short_side"]
 __all__ = [
     "VideoDecodeError", "VideoSpec", "decode_frames", "dense_eval_indices", "dense_train_indices",
     "eval_augment", "eval_views", "load_eval_views", "load_train_clip", "num_frames", "sample_indices",
-    "segment_eval_indices", "segment_train_indices", "train_augment", "video_spec",
+    "segment_eval_indices", "segment_train_indices", "train_augment", "video_spec", "video_spec_of",
 ]
 
 
 @dataclass(frozen=True, kw_only=True)
 class VideoSpec:
-    """How clips are sampled, decoded and augmented for one video recipe.
+    """How clips are sampled, decoded and augmented: the per-sample parameters of the clip functions.
 
-    The loader config embeds one; ``VideoSpec(**table)`` builds it from a TOML table.
+    Derived from the run config by :func:`video_spec_of` (``data.video`` + the ``data`` keys it shares);
+    its checks guard direct library use, the config's own validation reports user errors.
     """
 
     frames: int = 16
@@ -134,15 +135,6 @@ def _require(ok: bool, name: str, value: Any, rule: str) -> None:
         raise ValueError(f"video.{name} = {value!r}: must be {rule}")
 
 
-#: StructViT video recipes (structvit.md §6.2–6.5): clip length, sampling and test views.
-VIDEO_RECIPES: dict[str, dict[str, Any]] = {
-    "k400": dict(frames=16, stride=4, sampling="dense", flip=True, num_clips=4, spatial_crops=1),
-    "ssv2": dict(frames=16, sampling="segment", flip=False, num_clips=1, spatial_crops=3),
-    "diving48": dict(frames=32, sampling="segment", flip=False, num_clips=1, spatial_crops=3),
-    "finegym": dict(frames=32, sampling="segment", flip=False, num_clips=1, spatial_crops=3),
-}
-
-
 def video_spec(recipe: str, **overrides: Any) -> VideoSpec:
     """A recipe's :class:`VideoSpec`, overrides applied last (e.g. ``video_spec("k400", frames=32)``).
 
@@ -151,7 +143,22 @@ def video_spec(recipe: str, **overrides: Any) -> VideoSpec:
     """
     if recipe not in VIDEO_RECIPES:
         raise ValueError(f"unknown video recipe {recipe!r}; known: {sorted(VIDEO_RECIPES)}")
-    return VideoSpec(**{**VIDEO_RECIPES[recipe], **overrides})
+    return VideoSpec(**{**VIDEO_RECIPES[recipe], "flip": recipe not in NO_FLIP_VIDEO_RECIPES, **overrides})
+
+
+def video_spec_of(data: DataCfg) -> VideoSpec:
+    """The clip parameters of a run.
+
+    ``data.video`` gives the sampling and the views; the crop size, crop range, flip (``hflip > 0``) and
+    normalisation come from the ``data`` section. The config was validated when it loaded.
+    """
+    v = data.video
+    return VideoSpec(
+        frames=v.frames, stride=v.stride, sampling=v.sampling, short_video=v.short_video, num_clips=v.num_clips,
+        spatial_crops=v.spatial_crops, img_size=data.img_size, train_crop=v.train_crop, scale=data.crop_scale,
+        ratio=data.crop_ratio, short_side_range=v.short_side_range, eval_short_side=v.eval_short_side,
+        flip=data.hflip > 0, interpolation=v.interpolation, mean=data.mean, std=data.std,
+        webm_backend=v.webm_backend)
 
 
 # ---------------------------------------------------------------- frame samplers

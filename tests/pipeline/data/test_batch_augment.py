@@ -7,8 +7,8 @@ import pytest
 import torch
 from timm.data.mixup import mixup_target, rand_bbox
 
-from pipeline.augment import BatchAugment, Mixup, RandomErasing, cutmix_box, normalize, one_hot_smooth
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.batch_augment import BatchAugment, Mixup, RandomErasing, cutmix_box, normalize, one_hot_smooth
 
 
 def test_normalize_matches_torchvision_to_tensor_then_normalize() -> None:
@@ -108,7 +108,7 @@ def test_randaugment_at_full_magnitude_never_fails() -> None:
 
     from PIL import Image
 
-    from pipeline.transforms import randaugment
+    from pipeline.data.sample_transforms import randaugment
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     augment = randaugment("rand-m10-n3-inc1", 32, IMAGENET_MEAN)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, DataCfg, EvalCfg, JobCfg
-from pipeline.data import build_loaders, video_spec_of
-from pipeline.data_wds import LoaderError
+from pipeline.data.loaders import build_loaders
+from pipeline.data.shards import LoaderError
+from pipeline.data.video import video_spec_of
 
 CPU = torch.device("cpu")
 
@@ -51,14 +52,16 @@ def test_formats_decode_to_the_same_frames(video_sets: dict[str, Path]) -> None:
 
 
 def test_no_flip_for_direction_dependent_labels_and_clear_errors(video_sets: dict[str, Path]) -> None:
-    spec = video_spec_of(DataCfg(path=str(video_sets["h264"]), hflip=0.5, video={"recipe": "ssv2"}))
-    assert spec.flip is False and spec.sampling == "segment" and spec.frames == 16  # the recipe beats hflip
-    spec = video_spec_of(DataCfg(path=str(video_sets["h264"]), video={"recipe": "ssv2", "frames": 8}))
+    with pytest.raises(ConfigError, match="data.hflip = 0.5: must be 0 with data.video.recipe = 'ssv2'"):
+        DataCfg(path=str(video_sets["h264"]), hflip=0.5, video={"recipe": "ssv2"})  # refused, not overridden
+    spec = video_spec_of(DataCfg(path=str(video_sets["h264"]), hflip=0.0, video={"recipe": "ssv2"}))
+    assert spec.flip is False and spec.sampling == "segment" and spec.frames == 16
+    spec = video_spec_of(DataCfg(path=str(video_sets["h264"]), hflip=0.0, video={"recipe": "ssv2", "frames": 8}))
     assert spec.frames == 8 and spec.spatial_crops == 3  # keys beat the recipe
-    with pytest.raises(ConfigError, match="data.video"):
-        video_spec_of(_job(video_sets["h264"], frames=0).data)
+    with pytest.raises(ConfigError, match="data.video"):  # at config time now, before any loader
+        _job(video_sets["h264"], frames=0)
     with pytest.raises(ConfigError, match="data.video.recipe"):
-        video_spec_of(_job(video_sets["h264"], recipe="kinetics-9000").data)
+        _job(video_sets["h264"], recipe="kinetics-9000")
 
 
 def _dali(job: JobCfg) -> JobCfg:
@@ -88,7 +91,7 @@ def test_dali_cpu_reads_clips_like_wds(video_sets: dict[str, Path], codec: str) 
 
 
 def test_clip_randaugment_applies_the_same_draws_to_every_frame() -> None:
-    from pipeline.transforms import apply_to_clip, randaugment
+    from pipeline.data.sample_transforms import apply_to_clip, randaugment
 
     frame = torch.randint(0, 256, (3, 1, 24, 24), dtype=torch.uint8)
     clip = frame.expand(3, 5, 24, 24).contiguous()  # five identical frames

@@ -1,6 +1,6 @@
 """DALI video: decode the sampled frames from the tar bytes (NVDEC on the GPU), crop and flip per clip.
 
-Shares :mod:`pipeline.data_dali`'s plan (order, rank split, resume) and :mod:`pipeline.video`'s frame
+Shares :mod:`pipeline.data.dali`'s plan (order, rank split, resume) and :mod:`pipeline.data.video`'s frame
 samplers, so a clip's frame indices are the same whichever backend reads it. Per sample, Python reads
 the encoded ``mp4``/``webm`` bytes and the ``json`` frame count through the index, draws the indices,
 and feeds both to ``fn.decoders.video(frames=...)``:
@@ -10,7 +10,7 @@ and feeds both to ``fn.decoders.video(frames=...)``:
   ``video.flip`` is false), → ``3×T×S×S`` uint8;
 * evaluation: ``num_clips × T`` frames decoded at once, short side resized to ``eval_short_side``
   (or ``S``), ``spatial_crops`` crops along the long side → ``V×3×T×S×S`` uint8, view ``v = c·K + j``
-  as in :func:`pipeline.video.eval_views`.
+  as in :func:`pipeline.data.video.eval_views`.
 
 Codecs: on the GPU (``mixed``) H.264, HEVC, VP8/VP9, AV1; DALI's CPU backend decodes VP8/VP9/MJPEG
 only, so H.264 shards on a machine without a GPU need ``data.backend = 'wds'`` (PyAV). JPEG frame
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data_dali import SampleReader, ShardIndex, read_index
-from pipeline.data_wds import LoaderError, Shard
+from pipeline.data.dali_base import SampleReader, ShardIndex, read_index
+from pipeline.data.shards import LoaderError, Shard
 
 VIDEO_EXTS = ("mp4", "webm")
 
@@ -69,7 +69,7 @@ class VideoFeed:
         reader: Byte access to the shards (``label`` ranges hold the json metadata).
         plan: ``N×2`` (shard, sample) of this epoch, from the resume position on.
         batch_size: Samples per batch.
-        spec: The :class:`~pipeline.video.VideoSpec` (sampling rule, T, τ, clips).
+        spec: The :class:`~pipeline.data.video.VideoSpec` (sampling rule, T, τ, clips).
         train: Random (training) or fixed (evaluation) frame indices.
         seed: Seeds the training draws with the sample's position: ``(seed, position)``.
         first: Position of ``plan[0]`` in the epoch (the resume offset in samples).
@@ -82,7 +82,7 @@ class VideoFeed:
 
     def indices(self, meta: dict[str, Any], position: int) -> np.ndarray:
         """The sample's frame indices, int32 ``(T,)`` in training, ``(C·T,)`` in evaluation."""
-        from pipeline.video import sample_indices
+        from pipeline.data.video import sample_indices
 
         n = int(meta["frames"])
         rng = np.random.default_rng([*self.seed, position]) if self.train else None
@@ -124,7 +124,7 @@ def build_video_pipeline(spec: Any, source: VideoFeed, *, train: bool, device: s
     """
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipeline.data_dali import parse_randaugment
+    from pipeline.data.dali_base import parse_randaugment
 
     size, decode_dev = spec.img_size, "mixed" if device == "gpu" else "cpu"
 

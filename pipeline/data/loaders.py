@@ -8,7 +8,7 @@ Every training batch the trainer sees is a dict on the training device:
 * ``target``: float32 ``B×K`` soft targets (rows sum to 1), present only when mixup/CutMix is on.
 
 Backends deliver ``uint8`` pixels and int64 labels; the copy to the device, normalisation, random
-erasing and mixup/CutMix (:mod:`pipeline.augment`) are shared, so both backends meet the contract
+erasing and mixup/CutMix (:mod:`pipeline.data.batch_augment`) are shared, so both backends meet the contract
 with the same dtypes, layout and value ranges.
 """
 
@@ -20,17 +20,19 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from data_prep.format import load_dataset_info
 
-from pipeline.augment import BatchAugment, Mixup, RandomErasing, normalize
-from pipeline.config import ConfigError, DataCfg, JobCfg
-from pipeline.data_wds import SampleFn, build_eval_loader, build_train_loader, image_sample_fn, read_split
-from pipeline.transforms import apply_to_clip, clip_color_transform, eval_transform, train_transform
+from pipeline.config import DataCfg, JobCfg
+from pipeline.data.batch_augment import BatchAugment, Mixup, RandomErasing, normalize
+from pipeline.data.sample_transforms import apply_to_clip, clip_color_transform, eval_transform, train_transform
+from pipeline.data.shards import read_split
+from pipeline.data.wds import SampleFn, build_eval_loader, build_train_loader, image_sample_fn
 
 logger = logging.getLogger(__name__)
 
 
 class BackendLoader(Protocol):
-    """What a backend's training loader offers (``wds``: :class:`~pipeline.data_wds.TrainLoader`)."""
+    """What a backend's training loader offers (``wds``: :class:`~pipeline.data.wds.TrainLoader`)."""
 
     steps_per_epoch: int
 
@@ -103,37 +105,14 @@ def batch_augment(cfg: JobCfg, num_classes: int) -> BatchAugment:
 
 
 def is_video(cfg: DataCfg) -> bool:
-    """Whether ``data.path`` holds a video data set (``dataset.json`` kind) or ``data.video`` is set."""
-    from data_prep.shard import load_dataset_info
-
-    return load_dataset_info(cfg.path).get("kind") == "video" or bool(cfg.video)
-
-
-def video_spec_of(cfg: DataCfg) -> Any:
-    """The :class:`~pipeline.video.VideoSpec` of ``data.video`` (recipe defaults, then the table's keys).
-
-    Raises:
-        ConfigError: For an unknown key or value, naming ``data.video``.
-    """
-    from pipeline.video import VIDEO_RECIPES, VideoSpec
-
-    table = dict(cfg.video)
-    recipe = table.pop("recipe", None)
-    if recipe is not None and recipe not in VIDEO_RECIPES:
-        raise ConfigError(f"data.video.recipe = {recipe!r}: must be one of {sorted(VIDEO_RECIPES)}")
-    base = {"img_size": cfg.img_size, "scale": tuple(cfg.crop_scale), "ratio": tuple(cfg.crop_ratio),
-            "flip": cfg.hflip > 0, "mean": tuple(cfg.mean), "std": tuple(cfg.std),
-            **VIDEO_RECIPES.get(recipe or "", {}), **table}
-    try:
-        return VideoSpec(**base)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"data.video: {err}") from err
+    """Whether ``data.path`` holds a video data set (``dataset.json`` kind)."""
+    return load_dataset_info(cfg.path).kind == "video"
 
 
 def input_shape(cfg: DataCfg) -> tuple[int, ...]:
     """One training sample's input shape: ``(3, S, S)`` for images, ``(3, T, S, S)`` for video."""
     if is_video(cfg):
-        return (3, video_spec_of(cfg).frames, cfg.img_size, cfg.img_size)
+        return (3, cfg.video.frames, cfg.img_size, cfg.img_size)
     return (3, cfg.img_size, cfg.img_size)
 
 
@@ -145,7 +124,7 @@ def video_sample_fn(cfg: DataCfg, *, train: bool) -> SampleFn:
     Evaluation: every view (temporal clips × spatial crops) → ``V×3×T×S×S`` uint8. The training
     draws come from the global generators, which the loader seeds per sample.
     """
-    from pipeline.video import load_eval_views, load_train_clip
+    from pipeline.data.video import load_eval_views, load_train_clip, video_spec_of
 
     spec = video_spec_of(cfg)
     if not train:
@@ -172,7 +151,7 @@ def build_eval(cfg: JobCfg, split: str, *, rank: int, world_size: int, device: t
     d = cfg.data
     batch = cfg.eval.batch_size or d.batch_size
     if d.backend == "dali":
-        from pipeline.data_dali import DaliLoader
+        from pipeline.data.dali import DaliLoader
 
         loader: Any = DaliLoader(d, split, batch_size=batch, seed=0, train=False, rank=rank, world_size=world_size)
     else:
@@ -191,7 +170,7 @@ def build_loaders(cfg: JobCfg, *, rank: int, world_size: int, device: torch.devi
     d = cfg.data
     read_split(d.path, d.train_split)  # a clear error for a missing data set or split, before any work
     if d.backend == "dali":
-        from pipeline.data_dali import DaliLoader
+        from pipeline.data.dali import DaliLoader
 
         train: Any = DaliLoader(d, d.train_split, batch_size=d.batch_size, seed=cfg.run.seed, train=True,
                                 rank=rank, world_size=world_size)
