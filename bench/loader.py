@@ -134,8 +134,8 @@ QUIET = ["--nodes", "1", "--gpus-per-node", "1", "--loader-workers", "1"]  # no 
 
 
 def prep(args: list[str]) -> None:
-    """Runs ``vitpipe prep ARGS`` (the data_prep CLI) in this process."""
-    from data_prep.cli import main
+    """Runs ``vitpipe prep ARGS`` in this process."""
+    from vitpipe.prep import main
 
     if main(["prep", *args, *QUIET]) != 0:
         raise RuntimeError(f"vitpipe prep {' '.join(args)} failed")

@@ -78,7 +78,7 @@ def timed(fn, *args: object) -> float:  # noqa: ANN001
 
 def prep(args: list[str]) -> None:
     """Run ``prep ARGS`` in this process (interpreter start-up and imports excluded; pool start-up included)."""
-    from data_prep.cli import main
+    from vitpipe.prep import main
 
     if main(["prep", *args]) != 0:
         raise RuntimeError(f"prep {' '.join(args)} failed")

@@ -1,6 +1,8 @@
 """Offline dataset preparation for vitpipe: image and video datasets -> WebDataset shards.
 
 Modules:
+    format: the on-disk contract shared with the loaders (``dataset.json``, component names, DALI
+        index, manifest schema, atomic writes); the only module training code imports.
     scan: ImageFolder scanning (class list and samples).
     imagenet: ImageNet layouts (flat val with devkit or Kaggle CSV labels, synset names) -> plan.
     video_sources: Kinetics, Something-Something v2, Diving48 and generic video lists -> plan.
@@ -9,14 +11,12 @@ Modules:
     video: PyAV re-encoding of one video (window, fps, short side, GOP; h264 / vp9 / JPEG frames).
     probe: header-only image inspection with PIL.
     tarwrite: deterministic tar writer that also writes the DALI ``.idx`` index.
-    manifest: parquet schemas of the manifests.
+    manifest: parquet tables of the manifests.
     shard: plan -> shards on a process pool (resumable), merge -> manifests + ``dataset.json``.
     verify: ``prep verify`` and ``prep inspect``.
-    cli: the ``vitpipe prep`` command.
+    errors: :class:`~data_prep.errors.PrepError`.
 
-Heavy dependencies (numpy, pyarrow, PIL, av) are imported by the submodules only.
+The command line (``vitpipe prep``) lives in :mod:`vitpipe.prep`. This file imports nothing, so that
+importing :mod:`data_prep.format` loads no other module of the package; heavy dependencies (numpy,
+pyarrow, PIL, av) are imported by the submodules that need them.
 """
-
-from data_prep.errors import PrepError
-
-__all__ = ["PrepError"]

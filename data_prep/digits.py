@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from data_prep.format import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,7 @@ def write_digits(out: Path, size: int = 32, limit: int | None = None) -> dict[st
         grey = Image.fromarray(np.round(pixels * (255.0 / 16.0)).astype(np.uint8), mode="L")
         grey.resize((size, size), Image.BICUBIC).save(folder / f"digit_{i:04d}.JPEG", quality=95)
         counts[split] += 1
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"options": wanted, "counts": counts}))
-    os.replace(tmp, marker)
+    atomic_write_bytes(marker, json.dumps({"options": wanted, "counts": counts}).encode())
     logger.info("wrote %d train and %d val digit JPEGs (%d×%d) under %s", counts["train"], counts["val"],
                 size, size, out)
     return counts

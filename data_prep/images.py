@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from data_prep.format import JPG
 from data_prep.probe import ProbeError, probe_image
 
 #: PIL's own default limit (about 89.5 MP); larger images are quarantined as decompression bombs.
@@ -138,11 +139,11 @@ def process_image(data: bytes, name: str, opts: ImageOptions) -> Encoded:
                 if cmyk:
                     notes.append("cmyk->rgb")
                 payload = _encode_jpeg(out, opts.quality)
-                return Encoded([("jpg", payload)], "jpeg", out.width, out.height, note="; ".join(notes))
+                return Encoded([(JPG, payload)], "jpeg", out.width, out.height, note="; ".join(notes))
             if cmyk:
                 notes.append("cmyk->rgb")
                 payload = _encode_jpeg(img.convert("RGB"), max(opts.quality, 95))
-                return Encoded([("jpg", payload)], "jpeg", info.width, info.height, note="; ".join(notes))
+                return Encoded([(JPG, payload)], "jpeg", info.width, info.height, note="; ".join(notes))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise Quarantine(f"truncated or corrupt image data: {exc}") from exc
     return Encoded([(info.ext, data)], info.format, info.width, info.height, note="; ".join(notes))

@@ -1,49 +1,33 @@
-"""Parquet manifests: one row per written sample (split and shard sidecars), and the quarantine manifest."""
+"""Parquet manifests: one row per written sample (split and shard sidecars), and the quarantine manifest.
+
+The column layout is part of the on-disk contract (:data:`data_prep.format.MANIFEST_COLUMNS`); this
+module holds the pyarrow side of writing it.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.tarwrite import FILE_MODE
+from data_prep.format import AtomicPath, manifest_schema, quarantine_schema
 
 logger = logging.getLogger(__name__)
 
-#: Manifest format version, stored in the schema metadata.
-MANIFEST_VERSION = 2
+__all__ = ["MANIFEST_SCHEMA", "QUARANTINE_SCHEMA", "ManifestRow", "rows_to_table", "write_table_atomic"]
 
-#: Column layout of ``<split>.parquet``.
-MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),  # sample key, e.g. "train_00000042"
-        pa.field("shard", pa.string(), nullable=False),  # shard file name, e.g. "train-000000.tar"
-        pa.field("offset", pa.int64(), nullable=False),  # byte offset of the image data in the shard
-        pa.field("bytes", pa.int64(), nullable=False),  # image data size in bytes
-        pa.field("label", pa.int64(), nullable=False),  # class index
-        pa.field("class_id", pa.string(), nullable=False),  # class folder name
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("fps", pa.float64()),  # videos only (null for images)
-        pa.field("frames", pa.int32()),  # videos only
-        pa.field("duration", pa.float64()),  # videos only, seconds
-        pa.field("format", pa.string(), nullable=False),  # jpeg, png, h264, vp9, jpeg-frames
-        pa.field("sha256", pa.string(), nullable=False),  # hex digest of the payload (all frames, in order)
-        pa.field("source", pa.string(), nullable=False),  # path relative to the source root
-        pa.field("note", pa.string(), nullable=False),  # conversions applied ("" when none)
-    ],
-    metadata={"vitpipe.manifest_version": str(MANIFEST_VERSION)},
-)
+#: Column layout of ``<split>.parquet`` (:data:`data_prep.format.MANIFEST_COLUMNS`).
+MANIFEST_SCHEMA = manifest_schema()
+#: Quarantine manifest (``quarantine.parquet``): every input that was not written, and why.
+QUARANTINE_SCHEMA = quarantine_schema()
 
 
 @dataclass(frozen=True)
 class ManifestRow:
-    """One manifest row; field names and order match :data:`MANIFEST_SCHEMA`."""
+    """One manifest row; field names and order match :data:`data_prep.format.MANIFEST_COLUMNS`."""
 
     key: str
     shard: str
@@ -64,17 +48,6 @@ class ManifestRow:
 
 _COLUMNS = [f.name for f in fields(ManifestRow)]
 
-#: Quarantine manifest (``quarantine.parquet``): every input that was not written, and why.
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("key", pa.string()),  # planned key (null for inputs rejected while scanning)
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-    ],
-    metadata={"vitpipe.manifest_version": str(MANIFEST_VERSION)},
-)
-
 
 def rows_to_table(rows: list[ManifestRow]) -> pa.Table:
     """Return manifest rows as a table with :data:`MANIFEST_SCHEMA`."""
@@ -91,14 +64,5 @@ def write_table_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | N
     """
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, FILE_MODE)
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with AtomicPath(path) as tmp:
+        pq.write_table(table, str(tmp), compression="zstd")

@@ -19,19 +19,10 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import PrepError
+from data_prep.format import shard_name
 from data_prep.scan import Sample
 
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def shard_name(split: str, index: int) -> str:
-    """Return the shard file name, e.g. ``train-000003.tar``."""
-    return f"{split}-{index:06d}.tar"
-
-
-def sample_key(split: str, index: int) -> str:
-    """Return the sample key, e.g. ``train_00000042`` (unique within the dataset, no dots)."""
-    return f"{split}_{index:08d}"
 
 
 def check_split_name(split: str) -> None:

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from data_prep.format import JPG, PNG
+
 #: PIL format name -> (WebDataset component extension, manifest format name).
 #: MPO is the multi-picture JPEG variant some cameras write; its first frame is a plain JPEG stream.
 _FORMATS: dict[str, tuple[str, str]] = {
-    "JPEG": ("jpg", "jpeg"),
-    "MPO": ("jpg", "jpeg"),
-    "PNG": ("png", "png"),
+    "JPEG": (JPG, "jpeg"),
+    "MPO": (JPG, "jpeg"),
+    "PNG": (PNG, "png"),
 }
 _ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 

@@ -10,10 +10,8 @@ Output layout::
     <out>/train/train-000000.parquet     shard sidecar: its manifest rows; written last, marks the shard done
     <out>/_parts/plan.json               what the merge needs (classes, shard digests, options)
 
-Each sample holds, in this order: the media component(s) (``jpg``/``png`` for images, ``mp4``/``webm``
-for videos, ``f0000.jpg`` ... for JPEG frame sequences), ``cls`` (label as ASCII decimal), ``lbl``
-(label as 8-byte little-endian int64, for DALI's ``dtypes=[UINT8, INT64]``) and ``json``
-(``{"class_id", "label", "source"}`` plus, for videos, the window and frame facts).
+Each sample holds its media component(s), then the label and metadata components; names, encodings
+and the ``dataset.json`` layout are defined in :mod:`data_prep.format`.
 
 Work is split by shard: :func:`run_plan` writes the shards of one task range (all of them by default)
 on a process pool and skips shards whose sidecar says they are complete for the same inputs and
@@ -27,7 +25,6 @@ import hashlib
 import json
 import logging
 import re
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -41,30 +38,44 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.errors import PrepError
+from data_prep.format import (
+    DATASET_JSON,
+    FORMAT_VERSION,
+    META,
+    QUARANTINE_MANIFEST,
+    Counts,
+    DatasetInfo,
+    QuarantineInfo,
+    Settings,
+    ShardInfo,
+    SplitInfo,
+    atomic_write_bytes,
+    encode_meta,
+    index_name,
+    label_components,
+    manifest_name,
+    reason_group,
+    sample_key,
+    shard_name,
+    sidecar_name,
+)
 from data_prep.images import Encoded, ImageOptions, Quarantine, process_image
 from data_prep.loading import ordered_map
 from data_prep.manifest import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, ManifestRow, rows_to_table, write_table_atomic
-from data_prep.plan import Plan, ShardTask, check_split_name, order_samples, sample_key, shard_name, task_range
+from data_prep.plan import Plan, ShardTask, check_split_name, order_samples, task_range
 from data_prep.scan import Sample
-from data_prep.tarwrite import TarShardWriter, atomic_write_bytes
+from data_prep.tarwrite import TarShardWriter
 from data_prep.video import VideoOptions
 
 logger = logging.getLogger(__name__)
 
-#: Version of the ``dataset.json`` layout (2 adds counts, quarantine and video fields; 1 is still read).
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-DATASET_JSON = "dataset.json"
 PARTS_DIR = "_parts"
 PLAN_JSON = "plan.json"
 #: Default reader threads per process.
 DEFAULT_WORKERS = 4
 _SHARD_META = b"vitpipe.shard"
 
-__all__ = [
-    "DATASET_JSON", "FORMAT_VERSION", "ShardResult", "load_dataset_info", "merge", "prep_imagefolder",
-    "run_plan", "sample_key", "shard_name", "write_split",
-]
+__all__ = ["ShardResult", "merge", "prep_imagefolder", "run_plan", "write_split"]
 
 
 @dataclass(frozen=True)
@@ -102,12 +113,7 @@ def _meta(sample: Sample, enc: Encoded) -> dict[str, Any]:
 
 def _components(sample: Sample, enc: Encoded) -> list[tuple[str, bytes]]:
     """Return the tar components of one sample, in their fixed order."""
-    return [
-        *enc.components,
-        ("cls", str(sample.label).encode("ascii")),
-        ("lbl", struct.pack("<q", sample.label)),
-        ("json", json.dumps(_meta(sample, enc), sort_keys=True, ensure_ascii=False).encode("utf-8")),
-    ]
+    return [*enc.components, *label_components(sample.label), (META, encode_meta(_meta(sample, enc)))]
 
 
 def encode_sample(sample: Sample, opts: ImageOptions | VideoOptions) -> Encoded | str:
@@ -130,7 +136,7 @@ def encode_sample(sample: Sample, opts: ImageOptions | VideoOptions) -> Encoded 
 
 def sidecar_path(out: Path, split: str, index: int) -> Path:
     """Path of a shard's sidecar manifest, e.g. ``<out>/train/train-000003.parquet``."""
-    return out / split / shard_name(split, index).replace(".tar", ".parquet")
+    return out / split / sidecar_name(shard_name(split, index))
 
 
 def read_sidecar_meta(path: Path) -> dict[str, Any] | None:
@@ -148,7 +154,7 @@ def shard_is_done(task: ShardTask, out: Path) -> dict[str, Any] | None:
     if record is None or record.get("digest") != task.digest:
         return None
     tar = out / task.split / task.name
-    if record["num_samples"] and not (tar.is_file() and tar.with_suffix(".idx").is_file()
+    if record["num_samples"] and not (tar.is_file() and (tar.parent / index_name(tar.name)).is_file()
                                       and tar.stat().st_size == record["bytes"]):
         return None
     return record
@@ -194,7 +200,7 @@ def write_shard(task: ShardTask, out: Path, opts: ImageOptions | VideoOptions, t
                 quarantined.append((key, sample.source, enc))
                 continue
             if writer is None:
-                writer = TarShardWriter(tar_path, tar_path.with_suffix(".idx"))
+                writer = TarShardWriter(tar_path, split_dir / index_name(task.name))
             locs = writer.add_sample(key, _components(sample, enc))
             media = locs[: len(enc.components)]
             digest = hashlib.sha256()
@@ -212,7 +218,7 @@ def write_shard(task: ShardTask, out: Path, opts: ImageOptions | VideoOptions, t
             size = tar_path.stat().st_size
         else:
             tar_path.unlink(missing_ok=True)
-            tar_path.with_suffix(".idx").unlink(missing_ok=True)
+            (split_dir / index_name(task.name)).unlink(missing_ok=True)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -282,7 +288,7 @@ def _run_tasks(
                 on_result(fut.result())
 
 
-def write_plan_record(plan: Plan, out: Path, settings: dict[str, Any]) -> None:
+def write_plan_record(plan: Plan, out: Path, settings: Settings) -> None:
     """Store ``_parts/plan.json`` (identical for every task of the same run)."""
     parts = out / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
@@ -299,7 +305,7 @@ def run_plan(
     threads: int = DEFAULT_WORKERS,
     task_index: int = 0,
     num_tasks: int = 1,
-    settings: dict[str, Any] | None = None,
+    settings: Settings | None = None,
 ) -> list[ShardResult]:
     """Write this task's range of the plan's shards; with one task, also merge.
 
@@ -319,7 +325,7 @@ def run_plan(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / DATASET_JSON).unlink(missing_ok=True)
-    write_plan_record(plan, out, settings or {})
+    write_plan_record(plan, out, settings or Settings())
     shards = plan.shards()
     span = task_range(len(shards), task_index, num_tasks)
     mine = [shards[i] for i in span]
@@ -340,10 +346,6 @@ def run_plan(
 # ---------------------------------------------------------------- merge
 
 
-def _reason_group(reason: str) -> str:
-    return reason.split(":", 1)[0]
-
-
 def _remove_stale(split_dir: Path, split: str, keep: set[str]) -> None:
     pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.(tar|idx|parquet)$")
     for path in sorted(split_dir.iterdir()):
@@ -352,14 +354,14 @@ def _remove_stale(split_dir: Path, split: str, keep: set[str]) -> None:
             path.unlink()
 
 
-def merge(out: Path) -> dict[str, Any]:
+def merge(out: Path) -> DatasetInfo:
     """Check that every planned shard is complete, then write the manifests and ``dataset.json``.
 
     Args:
         out: Output root written by one or more :func:`run_plan` tasks.
 
     Returns:
-        The contents written to ``dataset.json``.
+        What was written to ``dataset.json``.
 
     Raises:
         PrepError: If the plan record is missing, a shard is missing or was written for other inputs,
@@ -371,9 +373,9 @@ def merge(out: Path) -> dict[str, Any]:
     if not plan_path.is_file():
         raise PrepError(f"{out}: no {PARTS_DIR}/{PLAN_JSON}; run a `vitpipe prep <source>` task first")
     plan = json.loads(plan_path.read_text())
-    settings = plan.get("settings", {})
+    settings: Settings = plan.get("settings", {})
     missing: list[str] = []
-    splits: dict[str, Any] = {}
+    splits: dict[str, SplitInfo] = {}
     tables: dict[str, pa.Table] = {}
     quarantine: list[dict[str, Any]] = []
     for split, sp in plan["splits"].items():
@@ -387,71 +389,71 @@ def merge(out: Path) -> dict[str, Any]:
             quarantine.extend({"split": split, "key": k, "source": s, "reason": r} for k, s, r in record["quarantined"])
             if record["num_samples"]:
                 name = shard_name(split, index)
-                shards.append({"name": name, "num_samples": record["num_samples"],
-                               "index": name.replace(".tar", ".idx"), "bytes": record["bytes"]})
+                shards.append(ShardInfo(name, record["num_samples"], index_name(name), record["bytes"]))
                 parts.append(pq.read_table(side).replace_schema_metadata(MANIFEST_SCHEMA.metadata))
         quarantine.extend({"split": split, "key": None, "source": s, "reason": r} for s, r in sp["prequarantined"])
-        written = sum(s["num_samples"] for s in shards)
-        splits[split] = {"num_samples": written, "shards": shards, "manifest": f"{split}.parquet",
-                         "inputs": sp["inputs"], "quarantined": sp["inputs"] - written}
+        written = sum(s.num_samples for s in shards)
+        splits[split] = SplitInfo(written, tuple(shards), manifest_name(split), sp["inputs"], sp["inputs"] - written)
         tables[split] = pa.concat_tables(parts) if parts else rows_to_table([])
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise PrepError(f"{out}: {len(missing)} planned shard(s) missing or incomplete: {shown}; "
                         "re-run the prep task(s) that own them (finished shards are kept)")
-    inputs = sum(s["inputs"] for s in splits.values())
-    written = sum(s["num_samples"] for s in splits.values())
+    inputs = sum(s.inputs for s in splits.values())
+    written = sum(s.num_samples for s in splits.values())
     if written + len(quarantine) != inputs:  # every input is either written or quarantined
         raise PrepError(f"{out}: counts do not reconcile: {inputs} inputs != {written} written + {len(quarantine)}")
     (out / DATASET_JSON).unlink(missing_ok=True)
-    write_table_atomic(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), out / "quarantine.parquet")
+    write_table_atomic(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), out / QUARANTINE_MANIFEST)
     for split, sp in splits.items():
-        write_table_atomic(tables[split], out / sp["manifest"])
-        keep = {n for s in sp["shards"] for n in (s["name"], s["index"])}
-        keep |= {shard_name(split, i).replace(".tar", ".parquet") for i in range(len(plan["splits"][split]["shards"]))}
+        write_table_atomic(tables[split], out / sp.manifest)
+        keep = {n for s in sp.shards for n in (s.name, s.index)}
+        keep |= {sidecar_name(shard_name(split, i)) for i in range(len(plan["splits"][split]["shards"]))}
         _remove_stale(out / split, split, keep)
     rate = len(quarantine) / max(inputs, 1)
     max_rate = float(settings.get("max_failure_rate", 0.01))
     logger.info("inputs %d = written %d + quarantined %d (%.3f%%)", inputs, written, len(quarantine), 100 * rate)
     if rate > max_rate or written == 0:
         raise PrepError(f"{out}: {len(quarantine)} of {inputs} inputs quarantined ({100 * rate:.2f}% > "
-                        f"--max-failure-rate {100 * max_rate:g}%); see {out / 'quarantine.parquet'}")
-    info = _dataset_info(plan, splits, quarantine, settings, inputs, written)
-    atomic_write_bytes(out / DATASET_JSON, (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode())
+                        f"--max-failure-rate {100 * max_rate:g}%); see {out / QUARANTINE_MANIFEST}")
+    info = _dataset_info(plan, splits, quarantine, settings, out)
+    info.write(out)
     return info
 
 
-def _dataset_info(plan: dict[str, Any], splits: dict[str, Any], quarantine: list[dict[str, Any]],
-                  settings: dict[str, Any], inputs: int, written: int) -> dict[str, Any]:
-    warnings = []
+def _shard_count_warnings(splits: dict[str, SplitInfo], settings: Settings) -> list[str]:
     layout = settings.get("train_layout")
     train = splits.get("train")
-    if layout and train is not None:
-        need = layout["nodes"] * layout["gpus_per_node"] * layout["loader_workers"]
-        if len(train["shards"]) < need:
-            warnings.append(
-                f"train has {len(train['shards'])} shards, fewer than nodes x GPUs x loader workers = "
-                f"{layout['nodes']} x {layout['gpus_per_node']} x {layout['loader_workers']} = {need}: "
-                "some loader workers would get no shard; lower --shard-size"
-            )
+    if not layout or train is None:
+        return []
+    need = layout["nodes"] * layout["gpus_per_node"] * layout["loader_workers"]
+    if len(train.shards) >= need:
+        return []
+    return [f"train has {len(train.shards)} shards, fewer than nodes x GPUs x loader workers = "
+            f"{layout['nodes']} x {layout['gpus_per_node']} x {layout['loader_workers']} = {need}: "
+            "some loader workers would get no shard; lower --shard-size"]
+
+
+def _dataset_info(plan: dict[str, Any], splits: dict[str, SplitInfo], quarantine: list[dict[str, Any]],
+                  settings: Settings, out: Path) -> DatasetInfo:
+    warnings = _shard_count_warnings(splits, settings)
     for w in warnings:
         logger.warning("%s", w)
-    info: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "kind": plan["kind"],
-        "classes": plan["classes"],
-        "num_classes": len(plan["classes"]),
-        "splits": splits,
-        "counts": {"inputs": inputs, "written": written, "quarantined": len(quarantine)},
-        "quarantine": {"manifest": "quarantine.parquet", "num_samples": len(quarantine),
-                       "reasons": dict(sorted(Counter(_reason_group(q["reason"]) for q in quarantine).items()))},
-        "options": {"shard_size": plan["shard_size"], **plan["options"]},
-        "settings": settings,
-        "warnings": warnings,
-    }
-    if plan.get("class_names"):
-        info["class_names"] = plan["class_names"]
-    return info
+    written = sum(s.num_samples for s in splits.values())
+    reasons = Counter(reason_group(q["reason"]) for q in quarantine)
+    return DatasetInfo(
+        format_version=FORMAT_VERSION,
+        kind=plan["kind"],
+        classes=tuple(plan["classes"]),
+        splits=splits,
+        counts=Counts(written + len(quarantine), written, len(quarantine)),
+        quarantine=QuarantineInfo(QUARANTINE_MANIFEST, len(quarantine), dict(sorted(reasons.items()))),
+        options={"shard_size": plan["shard_size"], **plan["options"]},
+        settings=settings,
+        warnings=tuple(warnings),
+        class_names=tuple(plan["class_names"]) if plan.get("class_names") else None,
+        source=str(out / DATASET_JSON),
+    )
 
 
 # ---------------------------------------------------------------- image folders (library API)
@@ -466,7 +468,7 @@ def write_split(
     seed: int,
     shuffle: bool | None = None,
     workers: int = DEFAULT_WORKERS,
-) -> dict[str, Any]:
+) -> SplitInfo:
     """Write one image split (shards, indexes, sidecars, ``<split>.parquet``) without ``dataset.json``.
 
     Args:
@@ -489,7 +491,7 @@ def write_split(
     run_plan(plan, out_dir, ImageOptions(), threads=workers, settings={"max_failure_rate": 1.0})
     info = merge(out_dir)
     (Path(out_dir) / DATASET_JSON).unlink()
-    return info["splits"][split]
+    return info.splits[split]
 
 
 def prep_imagefolder(
@@ -501,7 +503,7 @@ def prep_imagefolder(
     workers: int = DEFAULT_WORKERS,
     processes: int = 1,
     max_failure_rate: float = 0.01,
-) -> dict[str, Any]:
+) -> DatasetInfo:
     """Convert an ImageNet-style tree into a vitpipe dataset (single task: write + merge).
 
     Args:
@@ -515,7 +517,7 @@ def prep_imagefolder(
         max_failure_rate: Largest quarantined fraction that still succeeds.
 
     Returns:
-        The contents written to ``dataset.json``.
+        What was written to ``dataset.json``.
     """
     from data_prep.imagenet import build_image_plan
 
@@ -523,31 +525,3 @@ def prep_imagefolder(
     run_plan(plan, out, ImageOptions(), workers=processes, threads=workers,
              settings={"max_failure_rate": max_failure_rate})
     return merge(out)
-
-
-def load_dataset_info(path: Path) -> dict[str, Any]:
-    """Read a dataset's ``dataset.json``.
-
-    Args:
-        path: The dataset root, or the ``dataset.json`` file itself.
-
-    Returns:
-        The parsed ``dataset.json``.
-
-    Raises:
-        PrepError: If the file is missing, is not valid JSON, or has an unknown format version.
-    """
-    path = Path(path)
-    json_path = path if path.name == DATASET_JSON and not path.is_dir() else path / DATASET_JSON
-    if not json_path.is_file():
-        raise PrepError(
-            f"{path} is not a vitpipe dataset: no {DATASET_JSON}; run `vitpipe prep imagenet` first"
-        )
-    try:
-        info = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PrepError(f"{json_path}: cannot read dataset description: {exc}") from exc
-    if not isinstance(info, dict) or info.get("format_version") not in READABLE_VERSIONS:
-        version = info.get("format_version") if isinstance(info, dict) else None
-        raise PrepError(f"{json_path}: unsupported format_version {version!r} (expected one of {READABLE_VERSIONS})")
-    return info

@@ -1,56 +1,28 @@
-r"""Deterministic WebDataset tar writer that writes the DALI index alongside.
+"""Deterministic WebDataset tar writer that writes the DALI index alongside.
 
 The tar is byte-identical for identical input: every member header has fixed fields (mtime 0, uid/gid
 0, empty uname/gname, mode 0o644, regular file, USTAR format) and members are written in the order
 given. The tar and its index are written to hidden temporary files in the target directory and moved
-into place with ``os.replace`` on :meth:`TarShardWriter.close`, so a reader never sees a partial shard.
-
-Index format (what NVIDIA DALI's ``wds2idx`` writes and ``fn.readers.webdataset`` reads)::
-
-    v1.2 <number of samples>
-    <ext> <data offset> <size> <member name> [<ext> <data offset> <size> <member name> ...]
-
-one line per sample, one ``ext offset size name`` group per component, all separated by single
-spaces, each line ending in ``\\n``. The offset is that of the member's data (its header offset + 512),
-and the extension is everything after the first dot of the member's base name.
+into place on :meth:`TarShardWriter.close` (:class:`data_prep.format.AtomicPath`), so a reader never
+sees a partial shard. The index format is :func:`data_prep.format.format_index`.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 import tarfile
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from data_prep.format import AtomicPath, ComponentLocation, atomic_write_bytes, format_index
+
 logger = logging.getLogger(__name__)
 
-#: Version tag of the DALI webdataset index format written by ``wds2idx`` (DALI 2.x).
-INDEX_VERSION = "v1.2"
 #: Tar member header format; USTAR gives exactly one 512-byte header per member (names < 100 bytes).
 TAR_FORMAT = tarfile.USTAR_FORMAT
 _MAX_NAME = 99
-#: Permissions of written files (``mkstemp`` would leave them at 0o600, unreadable to other users).
-FILE_MODE = 0o644
-
-
-@dataclass(frozen=True)
-class ComponentLocation:
-    """Where one component's bytes sit inside the tar.
-
-    Attributes:
-        ext: Component extension (e.g. ``"jpg"``).
-        offset: Byte offset of the component data (not its header) from the start of the tar.
-        size: Data size in bytes.
-    """
-
-    ext: str
-    offset: int
-    size: int
 
 
 def _check_name(key: str, ext: str) -> str:
@@ -82,21 +54,6 @@ def _member_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def format_index(samples: Sequence[Sequence[tuple[ComponentLocation, str]]]) -> str:
-    """Render a DALI webdataset index (``wds2idx`` format) as text.
-
-    Args:
-        samples: Per sample, its components in tar order as ``(location, member name)`` pairs.
-
-    Returns:
-        The index file contents.
-    """
-    lines = [f"{INDEX_VERSION} {len(samples)}"]
-    for components in samples:
-        lines.append(" ".join(f"{loc.ext} {loc.offset} {loc.size} {name}" for loc, name in components))
-    return "\n".join(lines) + "\n"
-
-
 class TarShardWriter:
     """Write one WebDataset shard (``.tar``) and, optionally, its DALI index (``.idx``).
 
@@ -105,7 +62,7 @@ class TarShardWriter:
 
     Example:
         >>> with TarShardWriter(Path("train-000000.tar"), Path("train-000000.idx")) as w:
-        ...     locs = w.add_sample("train_00000000", [("jpg", jpeg_bytes), ("cls", b"3")])
+        ...     locs = w.add_sample("train_00000000", [(JPG, jpeg_bytes), *label_components(3)])
     """
 
     def __init__(self, tar_path: Path, idx_path: Path | None = None) -> None:
@@ -117,10 +74,8 @@ class TarShardWriter:
         """
         self.tar_path = Path(tar_path)
         self.idx_path = None if idx_path is None else Path(idx_path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.tar_path.name}.", suffix=".tmp", dir=self.tar_path.parent)
-        os.fchmod(fd, FILE_MODE)
-        self._tmp_path = Path(tmp)
-        self._file = os.fdopen(fd, "wb")
+        self._target = AtomicPath(self.tar_path)
+        self._file = open(self._target.tmp, "wb")  # closed by close() or abort()
         self._tar = tarfile.TarFile(fileobj=self._file, mode="w", format=TAR_FORMAT)
         self._index: list[list[tuple[ComponentLocation, str]]] = []
         self._closed = False
@@ -176,12 +131,10 @@ class TarShardWriter:
             self.abort()
             raise ValueError(f"{self.tar_path}: refusing to write an empty shard")
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         if self.idx_path is not None:
-            _atomic_write_text(self.idx_path, format_index(self._index))
-        os.replace(self._tmp_path, self.tar_path)
+            atomic_write_bytes(self.idx_path, format_index(self._index).encode("utf-8"))
+        self._target.commit()
         self._closed = True
         logger.debug("wrote %s (%d samples)", self.tar_path, len(self._index))
 
@@ -191,7 +144,7 @@ class TarShardWriter:
             return
         self._closed = True
         self._file.close()
-        self._tmp_path.unlink(missing_ok=True)
+        self._target.discard()
 
     def __enter__(self) -> TarShardWriter:
         return self
@@ -207,28 +160,3 @@ class TarShardWriter:
         else:
             self.abort()
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    r"""Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` through a temporary file and ``os.replace``."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same directory, fsync, ``os.replace``).
-
-    Args:
-        path: Destination file.
-        data: File contents.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -14,8 +14,17 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from data_prep.shard import load_dataset_info
-from data_prep.tarwrite import ComponentLocation, format_index
+from data_prep.format import (
+    CLS,
+    LBL,
+    NON_MEDIA,
+    ComponentLocation,
+    FormatError,
+    ShardInfo,
+    decode_lbl,
+    format_index,
+    load_dataset_info,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,25 +81,38 @@ def verify_dataset(out: Path, decode_fraction: float = 0.01, seed: int = 0) -> l
     info = load_dataset_info(out)
     rng = random.Random(seed)
     problems: list[str] = []
-    for split, sp in info["splits"].items():
-        rows = pq.read_table(out / sp["manifest"]).to_pylist()
+    for split, sp in info.splits.items():
+        rows = pq.read_table(out / sp.manifest).to_pylist()
         by_shard: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             by_shard.setdefault(r["shard"], []).append(r)
-        if len(rows) != sp["num_samples"]:
-            problems.append(f"{split}: manifest has {len(rows)} rows, dataset.json says {sp['num_samples']}")
-        listed = {s["name"] for s in sp["shards"]}
+        if len(rows) != sp.num_samples:
+            problems.append(f"{split}: manifest has {len(rows)} rows, dataset.json says {sp.num_samples}")
+        listed = {s.name for s in sp.shards}
         for extra in sorted(set(by_shard) - listed):
             problems.append(f"{split}: manifest rows point at unlisted shard {extra}")
-        for shard in sp["shards"]:
-            problems.extend(_verify_shard(out / split, shard, by_shard.get(shard["name"], []), decode_fraction, rng))
+        for shard in sp.shards:
+            problems.extend(_verify_shard(out / split, shard, by_shard.get(shard.name, []), decode_fraction, rng))
     return problems
 
 
-def _verify_shard(split_dir: Path, shard: dict[str, Any], rows: list[dict[str, Any]], frac: float,
+def _label_of(parts: dict[str, bytes]) -> tuple[int | None, int | None]:
+    """The labels stored in a sample's :data:`CLS` and :data:`LBL` components (None where missing or unreadable)."""
+    try:
+        cls = int(parts[CLS])
+    except (KeyError, ValueError):
+        cls = None
+    try:
+        lbl = decode_lbl(parts[LBL])
+    except (KeyError, FormatError):
+        lbl = None
+    return cls, lbl
+
+
+def _verify_shard(split_dir: Path, shard: ShardInfo, rows: list[dict[str, Any]], frac: float,
                   rng: random.Random) -> list[str]:
-    name = shard["name"]
-    tar_path, idx_path = split_dir / name, split_dir / shard["index"]
+    name = shard.name
+    tar_path, idx_path = split_dir / name, split_dir / shard.index
     if not tar_path.is_file() or not idx_path.is_file():
         return [f"{name}: shard or index file missing"]
     try:
@@ -98,8 +120,8 @@ def _verify_shard(split_dir: Path, shard: dict[str, Any], rows: list[dict[str, A
     except (tarfile.TarError, OSError) as exc:
         return [f"{name}: unreadable tar: {exc}"]
     problems = []
-    if len(samples) != shard["num_samples"]:
-        problems.append(f"{name}: {len(samples)} samples in the tar, dataset.json says {shard['num_samples']}")
+    if len(samples) != shard.num_samples:
+        problems.append(f"{name}: {len(samples)} samples in the tar, dataset.json says {shard.num_samples}")
     if idx_path.read_text() != format_index([c for _, c in samples]):
         problems.append(f"{name}: {idx_path.name} does not match the tar (rebuild it with wds2idx)")
     blob = tar_path.read_bytes()
@@ -114,15 +136,14 @@ def _verify_shard(split_dir: Path, shard: dict[str, Any], rows: list[dict[str, A
         if comps is None:
             problems.append(f"{name}: {r['key']} in the manifest but not in the tar")
             continue
-        media = [loc for loc, _ in comps if loc.ext not in ("cls", "lbl", "json")]
+        media = [loc for loc, _ in comps if loc.ext not in NON_MEDIA]
         payload = [blob[loc.offset : loc.offset + loc.size] for loc in media]
         if media[0].offset != r["offset"] or sum(loc.size for loc in media) != r["bytes"]:
             problems.append(f"{name}: {r['key']} offset/size differ from the manifest")
         if hashlib.sha256(b"".join(payload)).hexdigest() != r["sha256"]:
             problems.append(f"{name}: {r['key']} sha256 differs from the manifest")
         parts = {loc.ext: blob[loc.offset : loc.offset + loc.size] for loc, _ in comps}
-        if int(parts.get("cls", b"-1")) != r["label"] or int.from_bytes(parts.get("lbl", b""), "little",
-                                                                           signed=True) != r["label"]:
+        if _label_of(parts) != (r["label"], r["label"]):
             problems.append(f"{name}: {r['key']} label components differ from the manifest label {r['label']}")
         if i in to_decode and (err := _decode(r["format"], payload)) is not None:
             problems.append(f"{name}: {r['key']} does not decode: {err}")
@@ -140,26 +161,27 @@ def inspect_dataset(out: Path) -> dict[str, Any]:
     """
     out = Path(out)
     info = load_dataset_info(out)
-    summary: dict[str, Any] = {"kind": info.get("kind"), "num_classes": info["num_classes"],
-                               "counts": info.get("counts"), "quarantine": info.get("quarantine"), "splits": {}}
-    for split, sp in info["splits"].items():
-        t = pq.read_table(out / sp["manifest"]).to_pydict()
+    data = info.to_json()
+    summary: dict[str, Any] = {"kind": info.kind, "num_classes": info.num_classes, "counts": data["counts"],
+                               "quarantine": data["quarantine"], "splits": {}}
+    for split, sp in info.splits.items():
+        t = pq.read_table(out / sp.manifest).to_pydict()
         hist = Counter(t["label"])
         sizes = sorted(t["bytes"])
         counts = sorted(hist.values()) or [0]
         entry = {
-            "samples": len(sizes), "shards": len(sp["shards"]),
+            "samples": len(sizes), "shards": len(sp.shards),
             "total_bytes": sum(sizes),
             "bytes_per_sample": {"min": sizes[0], "median": sizes[len(sizes) // 2], "max": sizes[-1]} if sizes else {},
-            "shard_bytes_mean": sum(s.get("bytes", 0) for s in sp["shards"]) / max(len(sp["shards"]), 1),
+            "shard_bytes_mean": sum(s.bytes for s in sp.shards) / max(len(sp.shards), 1),
             "formats": dict(Counter(t["format"])),
             "classes_present": len(hist),
             "per_class": {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1]},
-            "largest_classes": [[info["classes"][k], v] for k, v in hist.most_common(5)],
-            "smallest_classes": [[info["classes"][k], v] for k, v in sorted(hist.items(), key=lambda kv: kv[1])[:5]],
+            "largest_classes": [[info.classes[k], v] for k, v in hist.most_common(5)],
+            "smallest_classes": [[info.classes[k], v] for k, v in sorted(hist.items(), key=lambda kv: kv[1])[:5]],
             "notes": dict(Counter(n for n in t["note"] if n)) if "note" in t else {},
         }
-        if info.get("kind") == "video":
+        if info.kind == "video":
             fr = sorted(x for x in t["frames"] if x is not None)
             entry["frames"] = {"min": fr[0], "median": fr[len(fr) // 2], "max": fr[-1]} if fr else {}
         else:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.format import MP4, WEBM, frame_ext
 from data_prep.images import Encoded, Quarantine
 
 CODECS = ("h264", "vp9", "jpeg")
@@ -159,7 +160,7 @@ class _Sink:
 
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="JPEG", quality=self.opts.quality)
-            self._parts.append((f"f{self.frames:04d}.jpg", buf.getvalue()))
+            self._parts.append((frame_ext(self.frames), buf.getvalue()))
         else:
             import av
 
@@ -181,7 +182,7 @@ class _Sink:
             self._out.mux(packet)
         self._out.close()
         self._out = None
-        return [("mp4" if self.opts.codec == "h264" else "webm", self._buf.getvalue())]
+        return [(MP4 if self.opts.codec == "h264" else WEBM, self._buf.getvalue())]
 
     def close(self) -> None:
         """Release the encoder (after an error)."""

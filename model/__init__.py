@@ -1,13 +1,12 @@
 """vitpipe's model zoo: pure ``nn.Module`` code, registered with timm.
 
-Importing this package registers every vitpipe variant so that ``timm.create_model(name)`` and
-:func:`model.factory.create_model` build them. Nothing here imports torch.distributed, DeepSpeed,
-accelerate or MLflow: distributed wrapping happens in :mod:`pipeline`.
+Importing this package imports every architecture module, and each registers its variants, so that
+``timm.create_model(name)`` and :func:`model.factory.create_model` build them. Nothing here imports
+torch.distributed, DeepSpeed, accelerate or MLflow (distributed wrapping happens in :mod:`pipeline`), nor
+matplotlib (pictures are in :mod:`model.viz`), nor the published-numbers table :mod:`model.zoo`.
 """
 
-from model import structvit as structvit  # noqa: F401  (registration side effect; issue 3)
-from model import vit_tiny  # noqa: F401  (registration side effect)
-from model import zoo as zoo  # noqa: F401  (registers FilterViT, DropoutViT, Swin and DeiT baselines; issue 4)
+from model import deit, filtervit, structvit, swin, vit_tiny  # noqa: F401  (each module registers its variants)
 from model.registry import is_model, list_models, register_model
 
 __all__ = ["create_model", "is_model", "list_models", "register_model"]

@@ -16,11 +16,14 @@ three kinds, each closed by a MobileNetV2 inverted residual (IR) that may downsa
   :class:`~model.layers.filter_attention.RandomTokenAttention`) over K pixels;
 * ``full``: every pixel is a token, no positional encoding, IR(X + Enc(X)).
 
-Head: global average pool → Linear → GELU → Dropout(0.5) → Linear. PyTorch default initialisation.
+Head: global average pool → Linear → GELU → Dropout(0.5) → Linear. PyTorch default initialisation, as in
+the author's code: every layer initialises itself while it is built, and :meth:`FilterViT.init_weights`
+redraws the same initialisation in the same order (for a model built on the meta device, after ``to_empty``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +43,8 @@ from model.registry import register_model
 
 __all__ = ["BlockSpec", "FilterViT"]
 
+_Dd = dict[str, Any]
+
 
 def make_divisible(v: float, divisor: int = 8) -> int:
     """CVNets/MobileNetV2 channel rounding (never more than 10 % below ``v``)."""
@@ -47,10 +52,18 @@ def make_divisible(v: float, divisor: int = 8) -> int:
     return new_v + divisor if new_v < 0.9 * v else new_v
 
 
+def _children_first(module: nn.Module) -> Iterator[nn.Module]:
+    """Post-order walk: every submodule before its parent, siblings in registration (= build) order."""
+    for child in module.children():
+        yield from _children_first(child)
+    yield module
+
+
 def _conv_bn(in_dim: int, out_dim: int, kernel: int, stride: int = 1, groups: int = 1,
-             act: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(in_dim, out_dim, kernel, stride, kernel // 2, groups=groups, bias=False),
-                               nn.BatchNorm2d(out_dim)]
+             act: bool = True, dd: _Dd | None = None) -> nn.Sequential:
+    dd = dd or {}
+    layers: list[nn.Module] = [nn.Conv2d(in_dim, out_dim, kernel, stride, kernel // 2, groups=groups, bias=False,
+                                         **dd), nn.BatchNorm2d(out_dim, **dd)]
     if act:
         layers.append(nn.SiLU())
     return nn.Sequential(*layers)
@@ -59,14 +72,15 @@ def _conv_bn(in_dim: int, out_dim: int, kernel: int, stride: int = 1, groups: in
 class InvertedResidual(nn.Module):
     """MobileNetV2 block (CVNets): [1×1 expand, BN, SiLU] → 3×3 depthwise/stride, BN, SiLU → 1×1, BN."""
 
-    def __init__(self, in_dim: int, out_dim: int, stride: int = 1, expand_ratio: float = 2.0) -> None:
+    def __init__(self, in_dim: int, out_dim: int, stride: int = 1, expand_ratio: float = 2.0,
+                 dd: _Dd | None = None) -> None:
         super().__init__()
         hidden = make_divisible(int(round(in_dim * expand_ratio)), 8)
         self.block = nn.Sequential()
         if expand_ratio != 1:
-            self.block.add_module("exp_1x1", _conv_bn(in_dim, hidden, 1))
-        self.block.add_module("conv_3x3", _conv_bn(hidden, hidden, 3, stride, groups=hidden))
-        self.block.add_module("red_1x1", _conv_bn(hidden, out_dim, 1, act=False))
+            self.block.add_module("exp_1x1", _conv_bn(in_dim, hidden, 1, dd=dd))
+        self.block.add_module("conv_3x3", _conv_bn(hidden, hidden, 3, stride, groups=hidden, dd=dd))
+        self.block.add_module("red_1x1", _conv_bn(hidden, out_dim, 1, act=False, dd=dd))
         self.use_res_connect = stride == 1 and in_dim == out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,13 +118,22 @@ class BlockSpec:
 class PooledAttentionBlock(nn.Module):
     """The author's ``FirstConvFormerBlock``: pool to g×g, + PE, encoder, replicate back, residual add, IR."""
 
-    def __init__(self, in_dim: int, spec: BlockSpec, pos_embed: str, encoder_kwargs: dict) -> None:
+    def __init__(self, in_dim: int, spec: BlockSpec, pos_embed: Literal["1d", "2d"], encoder_kwargs: _Dd,
+                 dd: _Dd | None = None) -> None:
         super().__init__()
-        self.grid = spec.size
-        self.register_buffer("pos_embed", grid_pos_embed(spec.size, spec.size, in_dim, pos_embed), persistent=False)
+        dd = dd or {}
+        self.grid, self.pos_kind = spec.size, pos_embed
+        self.register_buffer("pos_embed", torch.empty(spec.size**2, in_dim, **dd), persistent=False)
         self.encoder = nn.Sequential(*[EncoderLayer(in_dim, spec.num_heads, int(in_dim * spec.mlp_ratio),
-                                                    **encoder_kwargs) for _ in range(spec.depth)])
-        self.ir = InvertedResidual(in_dim, spec.out_dim, spec.stride, spec.expand_ratio)
+                                                    **encoder_kwargs, **dd) for _ in range(spec.depth)])
+        self.ir = InvertedResidual(in_dim, spec.out_dim, spec.stride, spec.expand_ratio, dd)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fills the g²×C positional table (a non-persistent buffer, uninitialised after ``to_empty``)."""
+        table = grid_pos_embed(self.grid, self.grid, self.pos_embed.shape[1], self.pos_kind, self.pos_embed.device)
+        self.pos_embed.copy_(table)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B×C×H×W → B×C′×H′×W′."""
@@ -125,12 +148,14 @@ class PooledAttentionBlock(nn.Module):
 class FullAttentionBlock(nn.Module):
     """The author's ``ConvFormerBlock``: every pixel a token, no PE; IR(X + Enc(X)) by the author's quirk."""
 
-    def __init__(self, in_dim: int, spec: BlockSpec, outer_residual: bool, encoder_kwargs: dict) -> None:
+    def __init__(self, in_dim: int, spec: BlockSpec, outer_residual: bool, encoder_kwargs: _Dd,
+                 dd: _Dd | None = None) -> None:
         super().__init__()
+        dd = dd or {}
         self.outer_residual = outer_residual
         self.encoder = nn.Sequential(*[EncoderLayer(in_dim, spec.num_heads, int(in_dim * spec.mlp_ratio),
-                                                    **encoder_kwargs) for _ in range(spec.depth)])
-        self.ir = InvertedResidual(in_dim, spec.out_dim, spec.stride, spec.expand_ratio)
+                                                    **encoder_kwargs, **dd) for _ in range(spec.depth)])
+        self.ir = InvertedResidual(in_dim, spec.out_dim, spec.stride, spec.expand_ratio, dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B×C×H×W → B×C′×H′×W′."""
@@ -142,10 +167,10 @@ class FullAttentionBlock(nn.Module):
 class FilterBlock(nn.Module):
     """The author's ``LeakyConvFormerBlock`` / ``DropOutBlock``: subset attention, then IR."""
 
-    def __init__(self, attn: nn.Module, in_dim: int, spec: BlockSpec) -> None:
+    def __init__(self, attn: nn.Module, in_dim: int, spec: BlockSpec, dd: _Dd | None = None) -> None:
         super().__init__()
         self.attn = attn
-        self.ir = InvertedResidual(in_dim, spec.out_dim, spec.stride, spec.expand_ratio)
+        self.ir = InvertedResidual(in_dim, spec.out_dim, spec.stride, spec.expand_ratio, dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B×C×H×W → B×C′×H′×W′."""
@@ -185,6 +210,8 @@ class FilterViT(nn.Module):
             ``"fixed"`` (author) (quirk 18).
         eval_selection: DropoutViT in eval: ``"random"`` (author), ``"fixed"`` or ``"full"`` (quirk 13).
         impl: ``"gather"`` or the reference ``"mask"`` formulation (quirk 9; identical results).
+        device: Where to allocate (``"meta"`` allocates nothing; call :meth:`init_weights` after ``to_empty``).
+        dtype: Parameter dtype.
     """
 
     def __init__(self, blocks: tuple[BlockSpec, ...], stem_dim: int = 64, stem_expand: float = 3.0,
@@ -198,28 +225,32 @@ class FilterViT(nn.Module):
                  writeback: Literal["overwrite", "add"] = "overwrite", full_outer_residual: bool = True,
                  pos_embed: Literal["1d", "2d"] = "1d", k_rule: Literal["ratio", "fixed"] = "ratio",
                  eval_selection: Literal["random", "fixed", "full"] = "random",
-                 impl: Literal["gather", "mask"] = "gather") -> None:
+                 impl: Literal["gather", "mask"] = "gather", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if drop_path_rate:
             raise ValueError("FilterViT has no stochastic depth (author's code): drop_path_rate must be 0")
+        # NOTE: every layer draws its PyTorch default init as it is built, in the order init_weights()
+        # redraws it; calling init_weights() here would draw twice and change the author-parity weights.
+        dd = {"device": device, "dtype": dtype}
         self.num_classes, self.img_size, self.selection = num_classes, img_size, selection
         self.grad_checkpointing = False
         enc = dict(dropout=encoder_dropout, act=encoder_act, norm_first=encoder_norm_first)
         self.stem = nn.Sequential()
-        self.stem.add_module("conv", nn.Conv2d(in_chans, stem_dim, 5, stride=2))  # no padding: 224 → 110
-        self.stem.add_module("bn", nn.BatchNorm2d(stem_dim))
+        self.stem.add_module("conv", nn.Conv2d(in_chans, stem_dim, 5, stride=2, **dd))  # no padding: 224 → 110
+        self.stem.add_module("bn", nn.BatchNorm2d(stem_dim, **dd))
         self.stem.add_module("act", nn.LeakyReLU(0.1))
-        self.stem.add_module("ir", InvertedResidual(stem_dim, stem_dim, 1, stem_expand))
+        self.stem.add_module("ir", InvertedResidual(stem_dim, stem_dim, 1, stem_expand, dd))
         self.stem_pool = stem_pool
         layers, dim = [], stem_dim
         for spec in blocks:
             if spec.kind == "first":
-                layers.append(PooledAttentionBlock(dim, spec, pos_embed, enc))
+                layers.append(PooledAttentionBlock(dim, spec, pos_embed, enc, dd))
             elif spec.kind == "full":
-                layers.append(FullAttentionBlock(dim, spec, full_outer_residual, enc))
+                layers.append(FullAttentionBlock(dim, spec, full_outer_residual, enc, dd))
             else:
                 common = dict(depth=spec.depth, num_tokens=spec.num_tokens, k_rule=k_rule, pos_embed=pos_embed,
-                              writeback=writeback, impl=impl, encoder_kwargs=enc)
+                              writeback=writeback, impl=impl, encoder_kwargs=enc, **dd)
                 mlp_dim = int(dim * spec.mlp_ratio)
                 if selection == "filter":
                     attn = FilterAttention(dim, spec.size, spec.num_heads, mlp_dim, gate_unselected=gate_unselected,
@@ -228,14 +259,28 @@ class FilterViT(nn.Module):
                 else:
                     attn = RandomTokenAttention(dim, spec.size, spec.num_heads, mlp_dim,
                                                 eval_selection=eval_selection, **common)
-                layers.append(FilterBlock(attn, dim, spec))
+                layers.append(FilterBlock(attn, dim, spec, dd))
             dim = spec.out_dim
         self.blocks = nn.Sequential(*layers)
         self.num_features = self.head_hidden_size = dim
-        self.head_hidden = nn.Sequential(nn.Linear(dim, head_hidden), nn.GELU()) if head_hidden else nn.Identity()
+        self.head_hidden = nn.Sequential(nn.Linear(dim, head_hidden, **dd), nn.GELU()) if head_hidden \
+            else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self._head_in = head_hidden or dim
-        self.head = nn.Linear(self._head_in, num_classes) if num_classes else nn.Identity()
+        self.head = nn.Linear(self._head_in, num_classes, **dd) if num_classes else nn.Identity()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """PyTorch's default initialisation of every layer (the author's: no custom init), in build order.
+
+        Layers are visited children first, so every random draw happens in the order the constructor made
+        it: under the same seed this gives exactly the constructor's weights. BatchNorm statistics and the
+        positional tables (non-persistent buffers) are reset too, so this also materialises a model built
+        on the meta device after ``to_empty``.
+        """
+        for module in _children_first(self):
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -257,9 +302,11 @@ class FilterViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replaces the final classifier (the hidden head layer is kept)."""
+        """Replaces the final classifier (the hidden head layer is kept), on the model's device and dtype."""
         self.num_classes = num_classes
-        self.head = nn.Linear(self._head_in, num_classes) if num_classes else nn.Identity()
+        w = self.stem.conv.weight
+        self.head = nn.Linear(self._head_in, num_classes, device=w.device, dtype=w.dtype) if num_classes \
+            else nn.Identity()
 
     def filter_layers(self) -> list[nn.Module]:
         """The subset-attention layers (filter or random), in forward order."""

@@ -3,7 +3,7 @@
 Layout under the run directory::
 
     checkpoints/step_00000120/          # one directory per checkpoint
-        model.safetensors | pytorch_model/   # weights (DDP) or DeepSpeed's sharded model + optimizer
+        model.safetensors | pytorch_model/   # whole weights, or the engine's shards (see pipeline.engine)
         optimizer.bin, random_states_<rank>.pkl, custom_checkpoint_0.pkl (the LR scheduler)
         trainer_state.json              # step, epoch, loader position, MLflow run id, file sizes; written last
     checkpoints/latest                  # text: the name of the newest complete checkpoint
@@ -21,27 +21,17 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from data_prep.format import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:
@@ -118,47 +108,14 @@ def find_resumable(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 def export_weights(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
     """Writes fp32, contiguous weights as safetensors (atomically).
 
+    Args:
+        state_dict: Parameter and buffer tensors (any dtype and device).
+        path: Output file; its folder is created.
+
     Returns:
         ``path``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
     return path
-
-
-def universal_view(step_dir: Path, model_dir: str = "pytorch_model") -> Path:
-    """A view of a DeepSpeed checkpoint that loads on any number of processes (DeepSpeed universal format).
-
-    ZeRO partitions the optimizer state (and under ZeRO-3 the weights) by rank, and DeepSpeed refuses a
-    checkpoint written by a different number of processes. DeepSpeed's ``ds_to_universal`` rewrites the
-    shards as one file per parameter (fp32 weights, Adam moments, step); loading it with
-    ``checkpoint.load_universal`` re-partitions for the new world size. The conversion is done once
-    (``<step>/universal/``) and the view ``<checkpoints>/.universal/<step>/`` links every other file of
-    the checkpoint (RNG states, EMA, trainer state) beside the converted model. Main process only.
-
-    Returns:
-        The view directory, to pass to ``Accelerator.load_state``.
-    """
-    converted = step_dir / "universal"
-    if not converted.is_dir():
-        tmp = step_dir / f".universal.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-               str(step_dir / model_dir), "--output_folder", str(tmp), "--inject_missing_state",
-               "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"converting {step_dir} to DeepSpeed's universal format failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, converted)
-        logger.info("converted %s to DeepSpeed's universal checkpoint format", step_dir)
-    view = step_dir.parent / ".universal" / step_dir.name
-    shutil.rmtree(view, ignore_errors=True)
-    view.mkdir(parents=True)
-    for entry in step_dir.iterdir():
-        if entry.name not in (model_dir, "universal") and not entry.name.startswith("."):
-            (view / entry.name).symlink_to(entry.resolve())
-    (view / model_dir).symlink_to(converted.resolve())
-    return view

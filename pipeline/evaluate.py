@@ -1,13 +1,19 @@
-"""Evaluation: top-1 / top-5 accuracy and loss over a split, summed over all ranks."""
+"""Evaluation: top-1 / top-5 accuracy and loss over a split, summed over all ranks; ``evaluate_run``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.build import build_model
+from pipeline.config_io import load_config
+from pipeline.data.loaders import build_eval
 from pipeline.dist import all_reduce_sum
+from pipeline.rundir import RunError, config_of
 
 
 @torch.no_grad()
@@ -46,3 +52,29 @@ def evaluate(net: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]], de
     correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count])
     n = max(count, 1.0)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "samples": count}
+
+
+def evaluate_run(run_dir: Path, weights: str | None, split: str | None, overrides: list[str]) -> dict[str, Any]:
+    """Builds a run's model from its resolved config, loads weights strictly and evaluates a split here.
+
+    Args:
+        run_dir: The run directory (holds ``config.toml``).
+        weights: Weights file (default: ``<run_dir>/final/model.safetensors``).
+        split: Split to evaluate (default: the config's ``data.val_split``).
+        overrides: ``--section.key=value`` items applied over the run's config.
+
+    Returns:
+        ``{"top1", "top5", "loss", "samples", "split", "weights"}``.
+
+    Raises:
+        RunError: When ``run_dir`` is not a run directory or the weights file is missing.
+    """
+    cfg = load_config(config_of(run_dir), overrides)
+    weights_path = Path(weights) if weights else run_dir / "final" / "model.safetensors"
+    if not weights_path.is_file():
+        raise RunError(f"weights {weights_path} not found")
+    split = split or cfg.data.val_split
+    net = build_model(cfg, weights=weights_path)
+    cpu = torch.device("cpu")
+    result = evaluate(net, build_eval(cfg, split, rank=0, world_size=1, device=cpu), cpu)
+    return {**result, "split": split, "weights": str(weights_path)}

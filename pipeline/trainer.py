@@ -12,33 +12,33 @@ import os
 import random
 import subprocess
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
-from model.factory import count_params, create_model
+from data_prep.format import atomic_write_bytes
+from model.factory import count_params
 from model.flops import count_flops
-from model.pretrained import load_pretrained
 from model.registry import is_model
-from model.visualize import has_pictures, render_pictures
+from model.viz import has_pictures, render_pictures
 from pipeline import checkpoint as ckpt
+from pipeline.build import build_model, num_classes_of
 from pipeline.config import ConfigError, JobCfg
 from pipeline.config_io import dump_toml, flatten
 from pipeline.data.loaders import build_loaders, input_shape
-from pipeline.data.shards import read_split
 from pipeline.dist import all_reduce_sum, broadcast_object
-from pipeline.engine import build_accelerator, deepspeed_config, input_dtype
+from pipeline.engine import Engine, weights_sharded
 from pipeline.evaluate import evaluate
 from pipeline.export import consolidate
 from pipeline.log import setup_logging
 from pipeline.metrics import ConsoleLogger, LoggerContainer, MlflowLogger, NullLogger, default_tracking_uri
+from pipeline.objective import build_objective
 from pipeline.optim import build_optimizer, build_scheduler, peak_lr
 from pipeline.preempt import EXIT_PREEMPTED, Preempted, Preemption
+from pipeline.rundir import check_run_dir, run_dir_of
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ def check_startup(cfg: JobCfg) -> None:
     """Fails before anything is created, naming the key, for an unknown model or missing data."""
     if not is_model(cfg.model.name):
         raise ConfigError(f"model.name = {cfg.model.name!r}: not a registered model (see `vitpipe models`)")
-    if cfg.optim.ema_decay and cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3:
+    if cfg.optim.ema_decay and weights_sharded(cfg.engine):
         raise ConfigError(f"optim.ema_decay = {cfg.optim.ema_decay}: EMA needs whole weights on every rank; "
-                          "not with engine.zero_stage = 3")
+                          f"not with engine.zero_stage = {cfg.engine.zero_stage}")
     if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
         raise ConfigError(f"model.init_from = {cfg.model.init_from!r}: no such weights file")
     if not cfg.data.path:
@@ -78,14 +78,12 @@ def resolve_run_dir(cfg: JobCfg, recipe_stem: str, is_main: bool) -> Path:
     Raises:
         ConfigError: On every rank, when the directory cannot be used.
     """
-    name = cfg.run.name or f"{recipe_stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    run_dir = Path(cfg.run.output_dir).resolve() / name
-    error = None
-    if is_main and (run_dir / "summary.json").is_file():
-        if json.loads((run_dir / "summary.json").read_text()).get("status") == "FINISHED":
-            error = f"run.name = {name!r}: {run_dir} holds a finished run; choose another run.name"
-    if is_main and not cfg.checkpoint.resume and (run_dir / "config.toml").exists():
-        error = f"run.name = {name!r}: {run_dir} already holds a run and checkpoint.resume is false"
+    run_dir, error = run_dir_of(cfg, recipe_stem), None
+    if is_main:
+        try:
+            check_run_dir(run_dir, cfg.checkpoint.resume)
+        except ConfigError as err:
+            error = str(err)
     run_dir_text, error = broadcast_object((str(run_dir), error))
     if error:  # raised on every rank, so that none waits for the others
         raise ConfigError(error)
@@ -103,8 +101,10 @@ class Trainer:
     def __init__(self, cfg: JobCfg, recipe_stem: str = "run") -> None:
         check_startup(cfg)
         self.cfg = cfg
-        self.acc = build_accelerator(cfg.engine, cfg.data.batch_size, cfg.optim.clip_grad)
-        self.input_dtype = input_dtype(cfg.engine)
+        self.engine = Engine(cfg.engine, cfg.data.batch_size, cfg.optim.clip_grad)
+        self.acc = self.engine.acc
+        self.input_dtype = self.engine.input_dtype
+        self.objective = build_objective(cfg.loss)
         self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
         self.rank, self.world_size = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
@@ -128,36 +128,26 @@ class Trainer:
         """Creates the run directory, the per-rank logs and the resolved ``config.toml``."""
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_bytes(self.run_dir / "config.toml", dump_toml(self.cfg).encode())
-            if self.cfg.engine.backend == "deepspeed":
-                ds = deepspeed_config(self.cfg.engine, self.cfg.data.batch_size, self.cfg.optim.clip_grad)
-                ckpt.atomic_write_bytes(self.run_dir / "deepspeed.json", json.dumps(ds, indent=2).encode())
+            atomic_write_bytes(self.run_dir / "config.toml", dump_toml(self.cfg).encode())
+            self.engine.write_files(self.run_dir)
         self.acc.wait_for_everyone()
         setup_logging(self.rank, self.run_dir, self.cfg.run.log_level)
         logger.info("run directory %s", self.run_dir)
 
     def build_data(self) -> None:
         """Builds this rank's training and evaluation loaders."""
-        _, self.classes = read_split(self.cfg.data.path, self.cfg.data.train_split)
+        self.num_classes = num_classes_of(self.cfg)
         self.train_loader, self.eval_loader = build_loaders(
-            self.cfg, rank=self.rank, world_size=self.world_size, device=self.device,
-            num_classes=self.cfg.model.num_classes or len(self.classes))
+            self.cfg, rank=self.rank, world_size=self.world_size, device=self.device, num_classes=self.num_classes)
 
     def build_model(self) -> None:
         """Builds the model (same init on every rank), then wraps it through the engine."""
-        m = self.cfg.model
         _seed_everything(self.cfg.run.seed)
-        net = create_model(m.name, num_classes=m.num_classes or len(self.classes), img_size=self.cfg.data.img_size,
-                           drop_path_rate=m.drop_path_rate, **m.kwargs)
-        if m.init_from:
-            try:
-                load_pretrained(net, m.init_from, m.init_mode)
-            except ValueError as err:
-                raise ConfigError(f"model.init_from: {err}") from err
+        net = build_model(self.cfg, self.num_classes)
         self.num_params = count_params(net)
         self.flops_per_sample = count_flops(net, torch.zeros(1, *input_shape(self.cfg.data)))  # forward
-        logger.info("model %s: %.3f M parameters, %.3f GFLOPs per sample", m.name, self.num_params / 1e6,
-                    self.flops_per_sample / 1e9)
+        logger.info("model %s: %.3f M parameters, %.3f GFLOPs per sample", self.cfg.model.name,
+                    self.num_params / 1e6, self.flops_per_sample / 1e9)
         if self.cfg.engine.grad_checkpointing:
             net.set_grad_checkpointing(True)
         if self.cfg.engine.channels_last:
@@ -172,10 +162,7 @@ class Trainer:
         self.global_batch = self.cfg.data.batch_size * self.world_size * self.cfg.engine.grad_accum_steps
         self.peak_lr = peak_lr(self.cfg.optim, self.global_batch)
         opt = build_optimizer(self.net, self.cfg.optim, self.peak_lr)
-        self.model, self.optimizer = self.acc.prepare(self.net, opt)
-        if self.cfg.engine.compile:
-            compiled = any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in self.model.modules())
-            logger.info("torch.compile (inductor): %s", "on" if compiled else "NOT applied by this engine")
+        self.model, self.optimizer = self.engine.prepare(self.net, opt)
         accum = self.cfg.engine.grad_accum_steps
         self.steps_per_epoch = len(self.train_loader) // accum
         self.train_loader.steps_per_epoch = self.steps_per_epoch * accum  # no step straddles two epochs
@@ -284,14 +271,10 @@ class Trainer:
         with self.acc.accumulate(self.model):
             with self.acc.autocast():
                 logits = self.model(inputs)  # B×classes
-            if "target" in batch:  # mixup/CutMix: soft targets B×classes, smoothing already in them
-                loss = torch.sum(-batch["target"] * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            else:
-                loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.cfg.loss.label_smoothing)
+            loss = self.objective(logits, batch)
             self.acc.backward(loss)
             if self.acc.sync_gradients:
-                if self.cfg.optim.clip_grad and self.cfg.engine.backend != "deepspeed":  # DeepSpeed clips itself
-                    self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+                self.engine.clip_gradients(self.model)
                 self.optimizer.step()
                 self.scheduler.step()
                 if self.ema is not None:
@@ -316,9 +299,8 @@ class Trainer:
     def log_pictures(self) -> None:
         """Draws the first ``tracking.pictures`` validation images with the model's visualisation (rank 0)."""
         n, net = self.cfg.tracking.pictures, self.acc.unwrap_model(self.model)
-        zero3 = self.cfg.engine.backend == "deepspeed" and self.cfg.engine.zero_stage == 3
-        if not n or zero3 or not self.acc.is_main_process or not has_pictures(net):
-            return  # ZeRO-3: a forward on one rank alone would wait for the others' weight shards
+        if not n or self.engine.weights_sharded or not self.acc.is_main_process or not has_pictures(net):
+            return  # sharded weights: a forward on one rank alone would wait for the others' shards
         batch = next(iter(self.eval_loader), None)
         if batch is None or batch["input"].dim() != 4:  # no share of the validation split, or video views
             return
@@ -334,28 +316,20 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         """Counters an exact resume needs besides what accelerate saves (weights, optimizer, RNGs, scheduler)."""
         return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batch_in_epoch,
-                "world_size": self.world_size, "backend": self.cfg.engine.backend,
+                "world_size": self.world_size, "backend": self.engine.name,
                 "mlflow_run_id": self.mlflow_run_id}
 
     def find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest complete checkpoint of the run directory (rank 0 picks it), prepared for this world size.
+        """The newest complete checkpoint of the run directory (rank 0 picks it), prepared by the engine.
 
-        A DeepSpeed checkpoint written by a different number of processes is converted to DeepSpeed's
-        universal format and the engine is configured to load it (before the engine is created).
+        Called before the model is prepared, so that the engine can adapt to a checkpoint written by a
+        different number of processes (:meth:`pipeline.engine.Engine.resume_from`).
         """
         found = ckpt.find_resumable(self.run_dir / "checkpoints") if self.acc.is_main_process else None
         path, state = broadcast_object((str(found[0]), found[1]) if found else (None, None))
         if path is None:
             return None
-        if state["backend"] != self.cfg.engine.backend:
-            raise ConfigError(f"engine.backend = {self.cfg.engine.backend!r}: the run's checkpoints were written "
-                              f"by {state['backend']!r}; resume with the same backend")
-        if self.cfg.engine.backend == "deepspeed" and state["world_size"] != self.world_size:
-            view = ckpt.universal_view(Path(path)) if self.acc.is_main_process else None
-            path = broadcast_object(str(view) if view else None)
-            plugin = self.acc.state.deepspeed_plugin
-            plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
-        return Path(path), state
+        return self.engine.resume_from(Path(path), state), state
 
     def resume(self, path: Path, state: dict[str, Any]) -> None:
         """Restores a checkpoint: weights, optimizer, scheduler, EMA, this rank's RNG states and the counters."""
@@ -391,7 +365,7 @@ class Trainer:
                "world_size": self.world_size, "seconds": round(seconds, 1),
                "val_top1": result.get("top1"), "val_top5": result.get("top5"), "val_samples": result.get("samples")}
         if self.acc.is_main_process:
-            ckpt.atomic_write_bytes(self.run_dir / "summary.json", json.dumps(out, indent=2).encode())
+            atomic_write_bytes(self.run_dir / "summary.json", json.dumps(out, indent=2).encode())
             self.metrics.log_artifact(self.run_dir / "summary.json")
             self.metrics.log_artifact(self.run_dir / "log.rank0.txt", "logs")
         return out

@@ -41,7 +41,7 @@ def _make_video(path: Path, label: int) -> None:
 @pytest.fixture(scope="session")
 def video_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same 8 train + 4 val clips prepared by `vitpipe prep videolist` in each stored format."""
-    from data_prep.cli import main as prep_main
+    from vitpipe.prep import main as prep_main
 
     src = tmp_path_factory.mktemp("videos")
     lists = {"train": [], "val": []}

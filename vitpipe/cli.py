@@ -7,12 +7,13 @@ is instant. User errors (bad config, missing data) print one line and exit with 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import subprocess
 import sys
 
-logger = logging.getLogger("vitpipe")
+from vitpipe import commands
+from vitpipe.errors import user_error_types
+from vitpipe.prep import add_prep_parser
+from vitpipe.viz import add_viz_parser
 
 _DESCRIPTION = """\
 vitpipe: distributed pretraining of vision transformers on images and video.
@@ -39,24 +40,6 @@ overrides:
 """
 
 
-class UserError(Exception):
-    """A problem the user can fix; reported on one line without a traceback."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from data_prep.errors import PrepError
-    from pipeline.config import ConfigError
-
-    errors: list[type[BaseException]] = [UserError, ConfigError, PrepError, FileNotFoundError]
-    if "pipeline.data.wds" in sys.modules:
-        errors.append(sys.modules["pipeline.data.wds"].LoaderError)
-    if "pipeline.export" in sys.modules:
-        errors.append(sys.modules["pipeline.export"].ExportError)
-    if "model.factory" in sys.modules:
-        errors.append(sys.modules["model.factory"].UnknownModelError)
-    return tuple(errors)
-
-
 def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
@@ -67,10 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=_formatter)
     parser.add_argument("--version", action="version", version=f"vitpipe {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from data_prep.cli import add_prep_parser
-    from vitpipe import commands
-    from vitpipe.viz import add_viz_parser
-
     commands.add_demo_parser(sub, _formatter)
     add_prep_parser(sub)
     commands.add_train_parser(sub, _formatter, _OVERRIDES_HELP)
@@ -116,24 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(int(os.environ.get("RANK", 0)), None, os.environ.get("VITPIPE_LOG_LEVEL", "INFO"))
     try:
         return int(args.func(args) or 0)
-    except _user_error_types() as err:
+    except user_error_types() as err:
         sys.stderr.write(f"vitpipe {args.command}: error: {err}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("vitpipe: interrupted\n")
         return 130
-
-
-def torchrun(nproc: int, module_args: list[str]) -> int:
-    """Runs ``python -m torch.distributed.run --nproc_per_node N -m <module args>`` on this machine.
-
-    Returns:
-        torchrun's exit status.
-    """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *module_args]
-    logger.info("launching: %s", " ".join(cmd))
-    return subprocess.call(cmd)
 
 
 if __name__ == "__main__":

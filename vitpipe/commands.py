@@ -1,4 +1,7 @@
-"""Parsers and handlers of the ``vitpipe`` subcommands (``prep`` lives in :mod:`data_prep.cli`)."""
+"""Parsers and handlers of the ``vitpipe`` subcommands (``prep``: :mod:`vitpipe.prep`, ``viz``: :mod:`vitpipe.viz`).
+
+Building a parser imports nothing heavy: torch, timm and MLflow are imported by the handlers.
+"""
 
 from __future__ import annotations
 
@@ -52,15 +55,13 @@ def run_train_command(args: argparse.Namespace) -> int:
     """Trains in this process, or under torchrun when ``--nproc-per-node`` > 1."""
     if args.nproc_per_node > 1:
         from pipeline.config_io import load_config
-        from vitpipe.cli import torchrun
+        from vitpipe.launch import torchrun
 
         load_config(args.recipe, args.overrides)  # fail here, once, rather than in every rank
         return torchrun(args.nproc_per_node, ["-m", "pipeline.train", args.recipe, *args.overrides])
-    from pipeline.preempt import EXIT_PREEMPTED
-    from pipeline.train import run
+    from pipeline.train import exit_status, run
 
-    summary = run(args.recipe, args.overrides)
-    return {"FINISHED": 0, "PREEMPTED": EXIT_PREEMPTED}.get(summary["status"], 1)
+    return exit_status(run(args.recipe, args.overrides))
 
 
 def add_eval_parser(sub: Any, formatter: Any, overrides_help: str) -> None:
@@ -77,7 +78,7 @@ def add_eval_parser(sub: Any, formatter: Any, overrides_help: str) -> None:
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """Evaluates and prints the result as one JSON line on stdout."""
-    from vitpipe.evaluation import evaluate_run
+    from pipeline.evaluate import evaluate_run
 
     result = evaluate_run(Path(args.run_dir), args.weights, args.split, args.overrides)
     sys.stdout.write(json.dumps(result) + "\n")
@@ -101,7 +102,7 @@ def add_export_parser(sub: Any, formatter: Any) -> None:
 
 def run_export_command(args: argparse.Namespace) -> int:
     """Exports, verifies and prints the output path."""
-    from vitpipe.evaluation import export_run
+    from pipeline.export import export_run
 
     sys.stdout.write(str(export_run(Path(args.run_dir), args.checkpoint, args.out)) + "\n")
     return 0

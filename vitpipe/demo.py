@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vitpipe.cli import UserError, torchrun
+from vitpipe.errors import UserError
+from vitpipe.launch import torchrun
 
 logger = logging.getLogger("vitpipe")
 
@@ -56,7 +57,7 @@ def prepare_digits(out: Path, limit: int | None = None) -> Path:
     write_digits(raw, size=32, limit=limit)
     if not (shards / "dataset.json").is_file():
         info = prep_imagefolder(raw, shards, shard_size=DEMO_SHARD_SIZE, seed=0)
-        logger.info("sharded: %s", {k: v["num_samples"] for k, v in info["splits"].items()})
+        logger.info("sharded: %s", {name: split.num_samples for name, split in info.splits.items()})
     return shards
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vitpipe.cli import UserError
+from vitpipe.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 """The vitpipe checkout (holds ``slurm/`` with the templates and the default cluster file)."""

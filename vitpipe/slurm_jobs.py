@@ -2,7 +2,8 @@
 
 Each submission renders a template of ``slurm/`` (:mod:`vitpipe.slurm`) into the directory it works on
 (the run directory, or a prep output directory) under ``slurm/``, submits it with ``sbatch``, and
-appends the job to ``slurm/jobs.json`` there, which ``status`` and ``cancel`` read. Slurm writes the
+appends the job to ``slurm/jobs.json`` there, which ``status`` and ``cancel`` read
+(:func:`vitpipe.slurm_task.read_jobs`). Slurm writes the
 job's output next to the script (``slurm/job-<id>.out``, appended across requeues).
 """
 
@@ -20,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from vitpipe import slurm
-from vitpipe.cli import UserError
+from vitpipe.errors import UserError
+from vitpipe.slurm_task import JOBS_FILE, mlflow_run_of, read_attempts, read_jobs, tag_mlflow_run
 
 logger = logging.getLogger("vitpipe")
 
-JOBS_FILE = "jobs.json"
 _RUN_KEYS = ("--run.name=", "--run.output_dir=", "run.name=", "run.output_dir=")
 
 
@@ -84,14 +85,6 @@ def sbatch_submit(script: Path, *options: str, cwd: Path | None = None) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def read_jobs(folder: Path) -> list[dict[str, Any]]:
-    """The jobs submitted for a run or prep directory (``<folder>/slurm/jobs.json``), oldest first."""
-    path = folder / "slurm" / JOBS_FILE
-    if not path.is_file():
-        return []
-    return json.loads(path.read_text())["jobs"]
-
-
 def _record_job(folder: Path, **job: Any) -> None:
     jobs = read_jobs(folder) + [{**job, "submitted": datetime.now(UTC).isoformat(timespec="seconds")}]
     path = folder / "slurm" / JOBS_FILE
@@ -115,21 +108,20 @@ def plan_training(args: argparse.Namespace) -> tuple[Path, Path, str, int]:
         (run directory, script path, script text, GPUs per node).
     """
     from pipeline.config_io import load_config
+    from pipeline.rundir import check_run_dir, run_dir_of
 
     recipe = Path(args.target).resolve()
     if not recipe.is_file():
         raise UserError(f"recipe {args.target!r} not found")
     user_overrides = [o for o in args.overrides if not o.startswith(_RUN_KEYS)]
     job = load_config(recipe, args.overrides)  # fails here, once, rather than in every rank of the job
-    name = job.run.name or f"{recipe.stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    output_dir = Path(job.run.output_dir).resolve()
-    run_dir = output_dir / name
+    run_dir = run_dir_of(job, recipe.stem)  # the name is fixed now: every attempt of the job uses it
+    name, output_dir = run_dir.name, run_dir.parent
     overrides = [*user_overrides, f"--run.output_dir={json.dumps(str(output_dir))}", f"--run.name={json.dumps(name)}"]
     if load_config(recipe, overrides).run.name != name:  # the override must give back the very same name
         raise UserError(f"run.name = {name!r} does not survive the command line; choose another run.name")
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("status") == "FINISHED":
-        raise UserError(f"run.name = {name!r}: {run_dir} holds a finished run; choose another run.name")
+    # A finished run is refused; an unfinished one may be submitted again (the trainer applies checkpoint.resume).
+    check_run_dir(run_dir, resume=True)
     cfg = cluster_from_args(args)
     gpus = cfg.slurm.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
     if args.nodes < 1 or gpus < 0:
@@ -179,8 +171,6 @@ def submit_training(args: argparse.Namespace) -> int:
 
 def _tag_existing_run(run_dir: Path) -> None:
     """A resubmitted run already has an MLflow run: record the new job id there now."""
-    from vitpipe.slurm_task import mlflow_run_of, tag_mlflow_run
-
     if mlflow_run_of(run_dir)[0] is None:
         return  # a new run: the trainer tags it with the job id when it creates it
     try:
@@ -334,8 +324,6 @@ ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONF
 
 def run_status_command(args: argparse.Namespace) -> int:
     """``vitpipe status TARGET``: the jobs of a run (or prep output) and where the run stands."""
-    from vitpipe.slurm_task import mlflow_run_of, read_attempts
-
     folder = resolve_target(args.target, args.runs)
     lines = [f"{folder}"]
     for job in read_jobs(folder):

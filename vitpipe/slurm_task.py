@@ -38,6 +38,8 @@ from typing import Any
 logger = logging.getLogger("vitpipe.slurm_task")
 
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
+JOBS_FILE = "jobs.json"
+"""The jobs submitted for a directory, in ``<dir>/slurm/`` (written by :mod:`vitpipe.slurm_jobs`)."""
 PREEMPT_MARK = "with status 75"
 """Every exit for a requeue in :mod:`pipeline.preempt` and the trainer logs these words
 (``EXIT_PREEMPTED`` = 75); the constant is not imported to keep torch out of this module."""
@@ -179,6 +181,14 @@ def end_attempt(run_dir: Path, exit_code: int) -> str:
     return outcome
 
 
+def read_jobs(folder: Path) -> list[dict[str, Any]]:
+    """The jobs submitted for a run or prep directory (``<folder>/slurm/jobs.json``), oldest first."""
+    path = folder / "slurm" / JOBS_FILE
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text())["jobs"]
+
+
 def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
     """The attempts recorded in ``RUN_DIR/slurm/attempts.jsonl`` (oldest first)."""
     path = run_dir / "slurm" / "attempts.jsonl"
@@ -216,8 +226,6 @@ def tag_mlflow_run(run_dir: Path, job_script: str = "") -> str | None:
     run_id, uri = mlflow_run_of(run_dir)
     if not run_id or not uri:
         return None
-    from vitpipe.slurm_jobs import read_jobs
-
     attempts = read_attempts(run_dir)
     ids = [str(j["job_id"]) for j in read_jobs(run_dir)] + [str(a["job_id"]) for a in attempts]
     ids = list(dict.fromkeys(i for i in ids if i))

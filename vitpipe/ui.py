@@ -12,8 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pipeline.dist import free_port
-from vitpipe.cli import UserError
+from vitpipe.errors import UserError
 
 logger = logging.getLogger("vitpipe")
 
@@ -56,6 +55,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def run_ui_command(args: argparse.Namespace) -> int:
     """Serves the UI until Ctrl-C or SIGTERM."""
+    from pipeline.dist import free_port  # imports torch: not when the parser is built
     store = Path(args.runs) / "mlflow.db"
     if not store.is_file():
         raise UserError(f"no tracking store at {store}; run `vitpipe demo` or `vitpipe train` first")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitpipe.cli import UserError
+from vitpipe.errors import UserError
 
 _MASKS_EPILOG = """\
 examples:
@@ -63,7 +63,7 @@ def run_viz_command(args: argparse.Namespace) -> int:
     import torch
 
     from model.factory import create_model
-    from model.filtervit_viz import save_filter_masks
+    from model.viz.filtervit import save_filter_masks
 
     name, weights, kwargs = _resolve(args)
     folder = Path(args.images)

@@ -15,7 +15,7 @@ default and which option fixes each.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ from torch import nn
 
 #: K by configured (square) feature-map size, from the author's code.
 K_BY_SIZE = {110: 768, 55: 256, 28: 128}
+
+_Device = torch.device | str | None
 
 
 def sinusoid_1d(n: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -75,19 +77,26 @@ class InProjAttention(nn.Module):
     ``in_proj_bias``, ``out_proj``), so weights of a PyTorch ``TransformerEncoderLayer`` load unchanged.
     """
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0) -> None:
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, device: _Device = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
         self.attn_drop = attn_drop
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim, **dd))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim, **dd))
+        self.out_proj = nn.Linear(dim, dim, **dd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """PyTorch's ``nn.MultiheadAttention`` initialisation."""
+        """PyTorch's ``nn.MultiheadAttention`` initialisation (``out_proj.weight`` keeps ``nn.Linear``'s own).
+
+        ``out_proj`` draws its initialisation when it is built, before this runs: a re-initialisation that
+        reproduces the constructor resets ``out_proj`` first (``FilterViT.init_weights`` walks children
+        before parents).
+        """
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
@@ -110,15 +119,17 @@ class EncoderLayer(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float = 0.1,
-                 act: Literal["relu", "gelu"] = "relu", norm_first: bool = False, eps: float = 1e-5) -> None:
+                 act: Literal["relu", "gelu"] = "relu", norm_first: bool = False, eps: float = 1e-5,
+                 device: _Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.norm_first = norm_first
-        self.self_attn = InProjAttention(dim, num_heads, dropout)
-        self.linear1 = nn.Linear(dim, mlp_dim)
+        self.self_attn = InProjAttention(dim, num_heads, dropout, **dd)
+        self.linear1 = nn.Linear(dim, mlp_dim, **dd)
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(mlp_dim, dim)
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.linear2 = nn.Linear(mlp_dim, dim, **dd)
+        self.norm1 = nn.LayerNorm(dim, eps=eps, **dd)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, **dd)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.activation = nn.ReLU() if act == "relu" else nn.GELU()
@@ -148,16 +159,20 @@ class FilterScorer(nn.Module):
         norm: ``"batch"`` (author: one-channel BatchNorm, scores depend on the batch) or ``"instance"``
             (fix: GroupNorm(1, 1), per-image statistics; same parameter count).
         padding_mode: ``"zeros"`` (author; border artefacts in the masks) or ``"replicate"``.
+        device: Where to allocate parameters (``"meta"`` allocates nothing).
+        dtype: Parameter dtype.
     """
 
     def __init__(self, dim: int, kernel_size: int = 7, dilation: int = 5,
                  act: Literal["gelu_sigmoid", "sigmoid"] = "gelu_sigmoid",
                  norm: Literal["batch", "instance"] = "batch",
-                 padding_mode: Literal["zeros", "replicate"] = "zeros") -> None:
+                 padding_mode: Literal["zeros", "replicate"] = "zeros", device: _Device = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.conv = nn.Conv2d(dim, 1, kernel_size, padding=dilation * (kernel_size - 1) // 2, dilation=dilation,
-                              padding_mode=padding_mode)
-        self.norm = nn.BatchNorm2d(1) if norm == "batch" else nn.GroupNorm(1, 1)
+                              padding_mode=padding_mode, **dd)
+        self.norm = nn.BatchNorm2d(1, **dd) if norm == "batch" else nn.GroupNorm(1, 1, **dd)
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,25 +201,40 @@ class TokenSubsetAttention(nn.Module):
         impl: ``"gather"`` (gather/scatter on indices) or ``"mask"`` (the author's boolean-mask
             formulation with ``nonzero``; reference for tests and benchmarks).
         encoder_kwargs: Extra :class:`EncoderLayer` arguments (dropout, act, norm_first).
+        device: Where to allocate parameters and the positional table (``"meta"`` allocates nothing).
+        dtype: Parameter (and positional table) dtype.
     """
 
     def __init__(self, dim: int, size: int, num_heads: int, mlp_dim: int, depth: int = 1,
                  num_tokens: int | None = None, k_rule: Literal["ratio", "fixed"] = "ratio",
                  pos_embed: Literal["1d", "2d"] = "1d", writeback: Literal["overwrite", "add"] = "overwrite",
-                 impl: Literal["gather", "mask"] = "gather", encoder_kwargs: dict | None = None) -> None:
+                 impl: Literal["gather", "mask"] = "gather", encoder_kwargs: dict[str, Any] | None = None,
+                 device: _Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if num_tokens is None and size not in K_BY_SIZE:
             raise ValueError(f"no K for map size {size} (table: {K_BY_SIZE}); pass num_tokens")
+        dd = {"device": device, "dtype": dtype}
         self.size, self.num_tokens = size, num_tokens or K_BY_SIZE[size]
         self.k_rule, self.pos_kind, self.writeback, self.impl = k_rule, pos_embed, writeback, impl
         # A non-persistent buffer (author: a plain tensor attribute created on CUDA): follows .to(), not saved.
-        self.register_buffer("pos_embed", grid_pos_embed(size, size, dim, pos_embed), persistent=False)
-        self.encoder = nn.Sequential(*[EncoderLayer(dim, num_heads, mlp_dim, **(encoder_kwargs or {}))
+        self.register_buffer("pos_embed", torch.empty(size * size, dim, **dd), persistent=False)
+        self.encoder = nn.Sequential(*[EncoderLayer(dim, num_heads, mlp_dim, **(encoder_kwargs or {}), **dd)
                                        for _ in range(depth)])
         self.record = False
         self.last_scores: torch.Tensor | None = None
         self.last_index: torch.Tensor | None = None
         self.last_hw: tuple[int, int] = (0, 0)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fills the positional table for the configured size² map (no random draws).
+
+        The table is a non-persistent buffer: ``to_empty`` leaves it uninitialised and checkpoints do not
+        hold it, so a model materialised from the meta device needs this (``FilterViT.init_weights``).
+        """
+        table = grid_pos_embed(self.size, self.size, self.pos_embed.shape[1], self.pos_kind, self.pos_embed.device)
+        self.pos_embed.copy_(table)
 
     def tokens_for(self, h: int, w: int) -> int:
         """K for a runtime map of h×w (a Python int: shapes stay static)."""
@@ -263,7 +293,7 @@ class TokenSubsetAttention(nn.Module):
         return y.transpose(1, 2).reshape(b, c, h, w)
 
     def _remember(self, scores: torch.Tensor | None, index: torch.Tensor, hw: tuple[int, int]) -> None:
-        if self.record:  # for the mask pictures (model.filtervit_viz)
+        if self.record:  # for the mask pictures (model.viz.filtervit)
             self.last_scores = None if scores is None else scores.detach()
             self.last_index, self.last_hw = index.detach(), hw
 
@@ -279,13 +309,16 @@ class FilterAttention(TokenSubsetAttention):
         gate_unselected: ``True`` (author): every pixel is multiplied by its score; ``False`` leaves the
             unselected pixels as they are (only the tokens are gated).
         scorer_kwargs: :class:`FilterScorer` options (act, norm, padding_mode).
+        device: Where to allocate parameters (``"meta"`` allocates nothing).
+        dtype: Parameter dtype.
         **kwargs: :class:`TokenSubsetAttention` options.
     """
 
     def __init__(self, dim: int, size: int, num_heads: int, mlp_dim: int, gate_unselected: bool = True,
-                 scorer_kwargs: dict | None = None, **kwargs: object) -> None:
-        super().__init__(dim, size, num_heads, mlp_dim, **kwargs)
-        self.scorer = FilterScorer(dim, **(scorer_kwargs or {}))
+                 scorer_kwargs: dict[str, Any] | None = None, device: _Device = None,
+                 dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+        super().__init__(dim, size, num_heads, mlp_dim, device=device, dtype=dtype, **kwargs)
+        self.scorer = FilterScorer(dim, **(scorer_kwargs or {}), device=device, dtype=dtype)
         self.gate_unselected = gate_unselected
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,12 +344,12 @@ class RandomTokenAttention(TokenSubsetAttention):
             evaluations differ), ``"fixed"`` (deterministic: the same draw from ``eval_seed`` every pass)
             or ``"full"`` (all pixels attend).
         eval_seed: Seed of the ``"fixed"`` draw.
-        **kwargs: :class:`TokenSubsetAttention` options.
+        **kwargs: :class:`TokenSubsetAttention` options (``device`` and ``dtype`` included).
     """
 
     def __init__(self, dim: int, size: int, num_heads: int, mlp_dim: int,
                  eval_selection: Literal["random", "fixed", "full"] = "random", eval_seed: int = 0,
-                 **kwargs: object) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(dim, size, num_heads, mlp_dim, **kwargs)
         self.eval_selection, self.eval_seed = eval_selection, eval_seed
 

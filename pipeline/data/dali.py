@@ -32,8 +32,8 @@ from functools import cached_property
 
 import numpy as np
 import torch
-from data_prep.format import load_dataset_info
 
+from data_prep.format import load_dataset_info
 from pipeline.config import DataCfg
 from pipeline.data.dali_base import SampleReader, ShardIndex, parse_randaugment
 from pipeline.data.shards import (

@@ -15,27 +15,28 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.format import IMAGE_EXTS, LBL, FormatError, read_index
 from pipeline.data.shards import LoaderError, Shard
 
 logger = logging.getLogger(__name__)
 
 
-def read_index(path: str | Path) -> list[dict[str, tuple[int, int]]]:
-    """Parses a DALI webdataset index (``v1.2 N`` then ``ext offset size name`` groups per sample).
+def read_shard_index(shard: Shard) -> list[dict[str, tuple[int, int]]]:
+    """The ``.idx`` beside a shard's tar, checked against ``dataset.json``'s sample count.
 
     Returns:
         One ``{ext: (offset, size)}`` per sample, in tar order.
+
+    Raises:
+        LoaderError: If the index is unreadable, malformed or lists another number of samples.
     """
-    lines = Path(path).read_text().splitlines()
-    if not lines or not lines[0].startswith("v1."):
-        raise LoaderError(f"{path}: not a DALI index file (run `vitpipe prep verify`)")
-    samples = []
-    for line in lines[1:]:
-        fields = line.split()
-        if len(fields) % 4:  # v1.2: ext offset size name
-            raise LoaderError(f"{path}: malformed index line {line[:80]!r}")
-        samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)})
-    return samples
+    try:
+        entries = read_index(Path(shard.url).with_suffix(".idx"))
+    except FormatError as err:
+        raise LoaderError(str(err)) from err
+    if len(entries) != shard.num_samples:
+        raise LoaderError(f"{shard.url}: index lists {len(entries)} samples, dataset.json {shard.num_samples}")
+    return entries
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,10 @@ class ShardIndex:
     @classmethod
     def load(cls, shard: Shard) -> ShardIndex:
         """Reads the ``.idx`` beside a shard's tar."""
-        entries = read_index(Path(shard.url).with_suffix(".idx"))
-        if len(entries) != shard.num_samples:
-            raise LoaderError(f"{shard.url}: index lists {len(entries)} samples, dataset.json {shard.num_samples}")
+        entries = read_shard_index(shard)
         try:
-            image = [e.get("jpg", e.get("jpeg", e.get("png"))) for e in entries]
-            return cls(shard.url, np.array(image, dtype=np.int64), np.array([e["lbl"] for e in entries], np.int64))
+            image = [next((e[ext] for ext in IMAGE_EXTS if ext in e), None) for e in entries]
+            return cls(shard.url, np.array(image, dtype=np.int64), np.array([e[LBL] for e in entries], np.int64))
         except (KeyError, TypeError, ValueError) as err:
             raise LoaderError(f"{shard.url}: a sample lacks a jpg/png or lbl component ({err}); "
                               "the dali backend reads image shards written by `vitpipe prep`") from err

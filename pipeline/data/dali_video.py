@@ -21,16 +21,14 @@ decoded by ``decoders.image`` (nvJPEG on the GPU) and stacked into the clip.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipeline.data.dali_base import SampleReader, ShardIndex, read_index
+from data_prep.format import META, VIDEO_EXTS, is_frame_ext
+from pipeline.data.dali_base import SampleReader, ShardIndex, read_shard_index
 from pipeline.data.shards import LoaderError, Shard
-
-VIDEO_EXTS = ("mp4", "webm")
 
 
 @dataclass(frozen=True)
@@ -46,16 +44,14 @@ class VideoShardIndex(ShardIndex):
     @classmethod
     def load(cls, shard: Shard) -> VideoShardIndex:
         """Reads the ``.idx`` beside a shard's tar (``mp4``/``webm`` samples or JPEG frame sequences)."""
-        entries = read_index(os.path.splitext(shard.url)[0] + ".idx")
-        if len(entries) != shard.num_samples:
-            raise LoaderError(f"{shard.url}: index lists {len(entries)} samples, dataset.json {shard.num_samples}")
-        if any("json" not in e for e in entries):
+        entries = read_shard_index(shard)
+        if any(META not in e for e in entries):
             raise LoaderError(f"{shard.url}: a sample has no json component (frame count); re-run vitpipe prep")
-        meta = np.array([e["json"] for e in entries], np.int64)
+        meta = np.array([e[META] for e in entries], np.int64)
         if all(any(ext in e for ext in VIDEO_EXTS) for e in entries):
             videos = [next(e[ext] for ext in VIDEO_EXTS if ext in e) for e in entries]
             return cls(shard.url, np.array(videos, np.int64), meta)
-        frames = [np.array([e[k] for k in sorted(e) if k.startswith("f") and k.endswith(".jpg")], np.int64)
+        frames = [np.array([e[k] for k in sorted(e) if is_frame_ext(k)], np.int64)
                   for e in entries]
         if any(len(f) == 0 for f in frames):
             raise LoaderError(f"{shard.url}: samples are neither mp4/webm videos nor fNNNN.jpg frame sequences")

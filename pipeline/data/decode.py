@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from data_prep.format import META, MP4, WEBM, frame_ext, is_frame_ext
+
 logger = logging.getLogger(__name__)
 
 WebmBackend = Literal["auto", "dali", "pyav"]
@@ -61,7 +63,7 @@ def _key(sample: Mapping[str, Any]) -> str:
 
 def _meta(sample: Mapping[str, Any]) -> dict[str, Any]:
     """The sample's ``json`` component as a dict ({} when absent)."""
-    raw = sample.get("json")
+    raw = sample.get(META)
     if raw is None:
         return {}
     if isinstance(raw, Mapping):
@@ -72,21 +74,17 @@ def _meta(sample: Mapping[str, Any]) -> dict[str, Any]:
         raise VideoDecodeError(_key(sample), f"unreadable json component: {exc}") from exc
 
 
-def _jpeg_name(index: int) -> str:
-    return f"f{index:04d}.jpg"
-
-
 def media_format(sample: Mapping[str, Any]) -> Literal["mp4", "webm", "jpeg"]:
     """Which media layout a sample holds.
 
     Raises:
         VideoDecodeError: If it has none of ``mp4``, ``webm`` or ``f0000.jpg``.
     """
-    if "mp4" in sample:
+    if MP4 in sample:
         return "mp4"
-    if "webm" in sample:
+    if WEBM in sample:
         return "webm"
-    if _jpeg_name(0) in sample:
+    if frame_ext(0) in sample:
         return "jpeg"
     media = sorted(k for k in sample if not k.startswith("__"))
     raise VideoDecodeError(_key(sample), f"no mp4, webm or f0000.jpg component (has {media})")
@@ -105,7 +103,7 @@ def num_frames(sample: Mapping[str, Any]) -> int:
     if "frames" in meta:
         n = int(meta["frames"])
     elif media_format(sample) == "jpeg":
-        n = sum(1 for k in sample if k.startswith("f") and k.endswith(".jpg"))
+        n = sum(1 for k in sample if is_frame_ext(k))
     else:
         n = _container_frames(sample)
     if n < 1:
@@ -179,7 +177,7 @@ def _decode_jpeg(sample: Mapping[str, Any], flat: np.ndarray) -> np.ndarray:
     key = _key(sample)
     decoded: dict[int, np.ndarray] = {}
     for i in np.unique(flat).tolist():
-        name = _jpeg_name(i)
+        name = frame_ext(i)
         if name not in sample:
             raise VideoDecodeError(key, f"frame component {name} is missing")
         try:

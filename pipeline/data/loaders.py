@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from data_prep.format import load_dataset_info
 
+from data_prep.format import load_dataset_info
 from pipeline.config import DataCfg, JobCfg
 from pipeline.data.batch_augment import BatchAugment, Mixup, RandomErasing, normalize
 from pipeline.data.sample_transforms import apply_to_clip, clip_color_transform, eval_transform, train_transform

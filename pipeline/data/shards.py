@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from data_prep.format import FormatError, load_dataset_info
 
 

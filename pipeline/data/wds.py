@@ -44,6 +44,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_prep.format import CLS, IMAGE_EXTS
 from pipeline.data.shards import (
     Shard,
     check_shards,
@@ -63,7 +64,7 @@ SampleFn = Callable[[dict[str, Any]], torch.Tensor]
 def image_sample_fn(transform: Callable[[Any], torch.Tensor]) -> SampleFn:
     """Decodes a sample's ``jpg``/``png`` component with PIL and applies ``transform`` to the RGB image."""
     def apply(sample: dict[str, Any]) -> torch.Tensor:
-        data = sample.get("jpg", sample.get("png"))
+        data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
         if data is None:
             raise KeyError(f"sample {sample.get('__key__')} has no jpg/png component")
         with Image.open(io.BytesIO(data)) as image:
@@ -165,7 +166,7 @@ class ShardStream(IterableDataset):
                 yield sample
 
     def _transform(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        label = int(sample["cls"])
+        label = int(sample[CLS])
         with _seeded(sample.get("__seed__")):
             return self.transform(sample), label
 

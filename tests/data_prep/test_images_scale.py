@@ -18,11 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_prep import PrepError
+from data_prep.errors import PrepError
+from data_prep.format import load_dataset_info
 from data_prep.imagenet import build_image_plan
 from data_prep.images import ImageOptions
 from data_prep.plan import task_range
-from data_prep.shard import load_dataset_info, merge, run_plan, write_shard
+from data_prep.shard import merge, run_plan, write_shard
 from data_prep.verify import inspect_dataset, verify_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,9 +119,9 @@ def test_every_bad_input_is_quarantined_or_converted(single: Path) -> None:
     for name, (_, note) in CONVERTED.items():
         assert note in rows[name]["note"], (name, rows[name]["note"])
     assert rows["pngnamed.JPEG"]["format"] == "png" and rows["cmyk.JPEG"]["format"] == "jpeg"
-    c = info["counts"]
-    assert c["inputs"] == c["written"] + c["quarantined"] == 3 * 6 + 7 + 3 * 2
-    assert c["quarantined"] == len(BAD) and info["quarantine"]["reasons"]["empty file (0 bytes)"] == 1
+    c = info.counts
+    assert c.inputs == c.written + c.quarantined == 3 * 6 + 7 + 3 * 2
+    assert c.quarantined == len(BAD) and info.quarantine.reasons["empty file (0 bytes)"] == 1
 
 
 def test_cmyk_converted_decodes_as_rgb(single: Path) -> None:
@@ -143,7 +144,7 @@ def test_resize_reencodes(src: Path, tmp_path: Path) -> None:
     run_plan(plan, tmp_path, opts, settings={"max_failure_rate": 0.5})
     info = merge(tmp_path)
     rows = pq.read_table(tmp_path / "train.parquet").to_pylist()
-    assert info["options"]["resize"] == 32
+    assert info.options["resize"] == 32
     assert all(min(r["width"], r["height"]) == 32 for r in rows if r["source"].endswith(f"_{0}.JPEG"))
     resized = [r for r in rows if "resized" in r["note"]]
     assert resized and all(r["format"] == "jpeg" and (r["width"], r["height"]) == (43, 32) for r in resized)
@@ -194,7 +195,7 @@ def test_val_flat_without_labels_fails(tmp_path: Path) -> None:
 
 
 def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "data_prep", "prep", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vitpipe", "prep", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -211,8 +212,8 @@ def test_two_task_array_plus_merge_equals_single_run(src: Path, single: Path, tm
     out = tmp_path / "array"
     common = ["imagenet", "--src", str(src), "--out", str(out), "--shard-size", "4", "--seed", "1",
               "--workers", "1", "--max-failure-rate", "0.5", "--num-tasks", "2"]
-    procs = [subprocess.Popen([sys.executable, "-m", "data_prep", "prep", *common, "--task-index", str(i)], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "vitpipe", "prep", *common, "--task-index", str(i)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     assert not (out / "dataset.json").exists()
@@ -258,7 +259,7 @@ def test_sigkill_and_rerun_gives_identical_shards(tmp_path: Path) -> None:
     shutil.rmtree(src / "val")
     args = ["imagenet", "--src", str(src), "--out", str(tmp_path / "out"), "--shard-size", "3", "--workers", "1",
             "--threads", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "prep", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "vitpipe", "prep", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list((tmp_path / "out").glob("train/*.parquet"))) < 3:
@@ -280,11 +281,11 @@ def test_plain_tar_reads_every_shard(single: Path) -> None:
     if tar is None:
         pytest.skip("no tar binary")
     info = load_dataset_info(single)
-    for shard in info["splits"]["train"]["shards"]:
-        names = subprocess.run([tar, "-tf", str(single / "train" / shard["name"])], capture_output=True,
+    for shard in info.split("train").shards:
+        names = subprocess.run([tar, "-tf", str(single / "train" / shard.name)], capture_output=True,
                                text=True, check=True).stdout.split()
-        assert len(names) == 4 * shard["num_samples"]
-        with tarfile.open(single / "train" / shard["name"]) as t:
+        assert len(names) == 4 * shard.num_samples
+        with tarfile.open(single / "train" / shard.name) as t:
             assert t.getnames() == names
 
 
@@ -319,7 +320,7 @@ def test_shard_count_warning(src: Path, tmp_path: Path) -> None:
                "--max-failure-rate", "0.5", "--nodes", "2", "--gpus-per-node", "2", "--loader-workers", "2")
     assert res.returncode == 0, res.stderr
     assert "train has 7 shards, fewer than nodes x GPUs x loader workers = 2 x 2 x 2 = 8" in res.stderr
-    assert load_dataset_info(tmp_path)["warnings"]
+    assert load_dataset_info(tmp_path).warnings
     res = _cli("imagenet", "--src", str(src), "--out", str(tmp_path), "--shard-size", "4", "--workers", "1",
                "--max-failure-rate", "0.5", "--nodes", "1", "--gpus-per-node", "1", "--loader-workers", "2")
-    assert "fewer than" not in res.stderr and load_dataset_info(tmp_path)["warnings"] == []
+    assert "fewer than" not in res.stderr and load_dataset_info(tmp_path).warnings == ()

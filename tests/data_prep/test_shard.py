@@ -18,12 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_prep import PrepError
-from data_prep.cli import add_prep_parser
+from data_prep.errors import PrepError
+from data_prep.format import Counts, DatasetInfo, FormatError, load_dataset_info
 from data_prep.loading import ordered_map
 from data_prep.manifest import MANIFEST_SCHEMA, ManifestRow
 from data_prep.scan import scan_imagefolder
-from data_prep.shard import load_dataset_info, prep_imagefolder, write_split
+from data_prep.shard import prep_imagefolder, write_split
+from vitpipe.prep import add_prep_parser
 
 CLASSES = ["n01", "n02", "n03"]
 SHARD_SIZE = 5
@@ -59,7 +60,7 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prepped(src: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def prepped(src: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DatasetInfo]:
     out = tmp_path_factory.mktemp("out")
     return out, prep_imagefolder(src, out, shard_size=SHARD_SIZE, seed=0, max_failure_rate=0.2)
 
@@ -74,8 +75,8 @@ def _expected(src: Path, split: str) -> dict[str, tuple[bytes, int]]:
     return found
 
 
-def _shard_paths(out: Path, info: dict, split: str, key: str = "name") -> list[str]:
-    return [str(out / split / s[key]) for s in info["splits"][split]["shards"]]
+def _shard_paths(out: Path, info: DatasetInfo, split: str, key: str = "name") -> list[str]:
+    return [str(out / split / getattr(s, key)) for s in info.split(split).shards]
 
 
 def _find_wds2idx() -> str | None:
@@ -114,7 +115,7 @@ def test_scan_missing_and_empty(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- round trip
 
 
-def test_roundtrip_webdataset(src: Path, prepped: tuple[Path, dict]) -> None:
+def test_roundtrip_webdataset(src: Path, prepped: tuple[Path, DatasetInfo]) -> None:
     import webdataset as wds
 
     out, info = prepped
@@ -135,18 +136,18 @@ def test_roundtrip_webdataset(src: Path, prepped: tuple[Path, dict]) -> None:
         assert seen == Counter(expected.keys())  # every file exactly once
         assert keys == sorted(set(keys))  # unique, in planned order; a quarantined input leaves a gap
         assert set(keys) <= {f"{split}_{i:08d}" for i in range(len(expected) + 1)}
-        assert info["splits"][split]["num_samples"] == len(expected)
+        assert info.splits[split].num_samples == len(expected)
 
 
-def test_manifest_points_at_payload(src: Path, prepped: tuple[Path, dict]) -> None:
+def test_manifest_points_at_payload(src: Path, prepped: tuple[Path, DatasetInfo]) -> None:
     out, info = prepped
     for split in ("train", "val"):
-        table = pq.read_table(out / info["splits"][split]["manifest"])
+        table = pq.read_table(out / info.splits[split].manifest)
         assert table.schema.equals(MANIFEST_SCHEMA, check_metadata=True)
         rows = table.to_pylist()
-        assert len(rows) == info["splits"][split]["num_samples"]
+        assert len(rows) == info.splits[split].num_samples
         per_shard = Counter(r["shard"] for r in rows)
-        assert per_shard == {s["name"]: s["num_samples"] for s in info["splits"][split]["shards"]}
+        assert per_shard == {s.name: s.num_samples for s in info.splits[split].shards}
         blobs = {name: (out / split / name).read_bytes() for name in per_shard}
         for r in rows:
             ManifestRow(**r)  # column set matches the dataclass
@@ -159,7 +160,7 @@ def test_manifest_points_at_payload(src: Path, prepped: tuple[Path, dict]) -> No
             assert r["class_id"] == CLASSES[r["label"]]
 
 
-def test_tar_headers_fixed(prepped: tuple[Path, dict]) -> None:
+def test_tar_headers_fixed(prepped: tuple[Path, DatasetInfo]) -> None:
     out, info = prepped
     with tarfile.open(_shard_paths(out, info, "train")[0]) as tar:
         members = tar.getmembers()
@@ -171,7 +172,7 @@ def test_tar_headers_fixed(prepped: tuple[Path, dict]) -> None:
     assert not list((out / "train").glob(".*")), "temporary files left behind"
 
 
-def test_png_kept_as_png(prepped: tuple[Path, dict]) -> None:
+def test_png_kept_as_png(prepped: tuple[Path, DatasetInfo]) -> None:
     out, info = prepped
     rows = [r for r in pq.read_table(out / "train.parquet").to_pylist() if r["source"] == PNG]
     assert len(rows) == 1 and rows[0]["format"] == "png"
@@ -179,7 +180,7 @@ def test_png_kept_as_png(prepped: tuple[Path, dict]) -> None:
         assert f"{rows[0]['key']}.png" in tar.getnames()
 
 
-def test_corrupt_image_quarantined_and_recorded(prepped: tuple[Path, dict]) -> None:
+def test_corrupt_image_quarantined_and_recorded(prepped: tuple[Path, DatasetInfo]) -> None:
     out, info = prepped
     rows = pq.read_table(out / "quarantine.parquet").to_pylist()
     assert [(r["split"], r["source"]) for r in rows] == [("train", CORRUPT), ("train", "train/n01/notes.txt")]
@@ -187,33 +188,34 @@ def test_corrupt_image_quarantined_and_recorded(prepped: tuple[Path, dict]) -> N
     assert "no image extension" in rows[1]["reason"] and rows[1]["key"] is None
     sources = pq.read_table(out / "train.parquet", columns=["source"]).column("source").to_pylist()
     assert CORRUPT not in sources
-    assert info["counts"] == {"inputs": 30, "written": 28, "quarantined": 2}
-    assert info["splits"]["train"]["inputs"] == 24 and info["splits"]["train"]["quarantined"] == 2
-    assert load_dataset_info(out)["quarantine"]["num_samples"] == 2
+    assert info.counts == Counts(inputs=30, written=28, quarantined=2)
+    assert info.splits["train"].inputs == 24 and info.splits["train"].quarantined == 2
+    assert load_dataset_info(out).quarantine.num_samples == 2
 
 
-def test_dataset_json(prepped: tuple[Path, dict]) -> None:
+def test_dataset_json(prepped: tuple[Path, DatasetInfo]) -> None:
     out, info = prepped
     assert load_dataset_info(out / "dataset.json") == info == load_dataset_info(out)
-    assert info["format_version"] == 2 and info["kind"] == "image"
-    assert info["classes"] == CLASSES and info["num_classes"] == 3
-    assert info["options"]["shard_size"] == SHARD_SIZE and info["options"]["seed"] == 0
-    assert info["options"]["resize"] is None and info["options"]["decode_check"] is True
-    train = info["splits"]["train"]
-    assert train["manifest"] == "train.parquet"
-    assert sorted(s["num_samples"] for s in train["shards"]) == [3, 4, 5, 5, 5]  # 23 planned, 1 quarantined
-    first = train["shards"][0]
-    assert first["name"] == "train-000000.tar" and first["index"] == "train-000000.idx"
-    assert first["bytes"] == (out / "train" / first["name"]).stat().st_size
+    assert info.format_version == 2 and info.kind == "image"
+    assert list(info.classes) == CLASSES and info.num_classes == 3
+    assert info.options["shard_size"] == SHARD_SIZE and info.options["seed"] == 0
+    assert info.options["resize"] is None and info.options["decode_check"] is True
+    train = info.splits["train"]
+    assert train.manifest == "train.parquet"
+    assert sorted(s.num_samples for s in train.shards) == [3, 4, 5, 5, 5]  # 23 planned, 1 quarantined
+    first = train.shards[0]
+    assert first.name == "train-000000.tar" and first.index == "train-000000.idx"
+    assert first.bytes == (out / "train" / first.name).stat().st_size
     for split in ("train", "val"):
-        for s in info["splits"][split]["shards"]:
-            assert (out / split / s["name"]).is_file() and (out / split / s["index"]).is_file()
+        for s in info.splits[split].shards:
+            assert (out / split / s.name).is_file() and (out / split / s.index).is_file()
+    assert (out / "dataset.json").read_text() == info.dumps()
 
 
 # ---------------------------------------------------------------- order and determinism
 
 
-def test_train_shuffled_val_sorted(prepped: tuple[Path, dict]) -> None:
+def test_train_shuffled_val_sorted(prepped: tuple[Path, DatasetInfo]) -> None:
     out, _ = prepped
     train = pq.read_table(out / "train.parquet").to_pylist()
     labels = [r["label"] for r in train]
@@ -225,7 +227,7 @@ def test_train_shuffled_val_sorted(prepped: tuple[Path, dict]) -> None:
     assert [(r["label"], r["source"]) for r in val] == sorted((r["label"], r["source"]) for r in val)
 
 
-def test_byte_identical_rerun(src: Path, prepped: tuple[Path, dict], tmp_path: Path) -> None:
+def test_byte_identical_rerun(src: Path, prepped: tuple[Path, DatasetInfo], tmp_path: Path) -> None:
     out, _ = prepped
     # the fixture used the default 8 reader threads; single-threaded reading must give the same bytes
     prep_imagefolder(src, tmp_path / "again", shard_size=SHARD_SIZE, seed=0, workers=1, processes=2,
@@ -242,7 +244,7 @@ def test_seed_and_shuffle_flag(src: Path, tmp_path: Path) -> None:
     classes, samples = scan_imagefolder(src / "val")
     a = write_split(samples, classes, tmp_path / "a", "val", shard_size=100, seed=0, shuffle=True)
     b = write_split(samples, classes, tmp_path / "b", "val", shard_size=100, seed=1, shuffle=True)
-    assert a["num_samples"] == b["num_samples"] == 6
+    assert a.num_samples == b.num_samples == 6
     order_a = pq.read_table(tmp_path / "a" / "val.parquet").column("source").to_pylist()
     order_b = pq.read_table(tmp_path / "b" / "val.parquet").column("source").to_pylist()
     assert sorted(order_a) == sorted(order_b) and order_a != order_b
@@ -253,9 +255,9 @@ def test_rerun_removes_stale_shards(src: Path, tmp_path: Path) -> None:
     assert len(list((tmp_path / "train").glob("*.tar"))) == 8
     info = prep_imagefolder(src, tmp_path, shard_size=10, seed=0, splits=("train",), max_failure_rate=0.2)
     names = sorted(p.name for p in (tmp_path / "train").iterdir())
-    shards = info["splits"]["train"]["shards"]
-    assert names == sorted(n for s in shards for n in (s["name"], s["index"], s["name"][:-4] + ".parquet"))
-    assert "val" not in info["splits"]
+    shards = info.splits["train"].shards
+    assert names == sorted(n for s in shards for n in (s.name, s.index, s.name[:-4] + ".parquet"))
+    assert "val" not in info.splits
 
 
 def test_ordered_map_keeps_order_and_bounds_window() -> None:
@@ -290,7 +292,7 @@ def test_ordered_map_keeps_order_and_bounds_window() -> None:
 # ---------------------------------------------------------------- DALI index
 
 
-def test_idx_matches_wds2idx(prepped: tuple[Path, dict], tmp_path: Path) -> None:
+def test_idx_matches_wds2idx(prepped: tuple[Path, DatasetInfo], tmp_path: Path) -> None:
     tool = _find_wds2idx()
     if tool is None:
         pytest.skip("wds2idx (from nvidia-dali) not installed")
@@ -366,7 +368,7 @@ def test_all_corrupt_split_fails(tmp_path: Path) -> None:
 
 def test_load_dataset_info_missing(tmp_path: Path) -> None:
     msg = r"is not a vitpipe dataset: no dataset.json; run `vitpipe prep imagenet` first"
-    with pytest.raises(PrepError, match=msg):
+    with pytest.raises(FormatError, match=msg):
         load_dataset_info(tmp_path)
 
 
@@ -389,9 +391,9 @@ def test_cli_runs(src: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -
         ["prep", "imagenet", "--src", str(src), "--out", str(tmp_path / "o"),
          "--shard-size", "50", "--seed", "2", "--workers", "1", "--threads", "2", "--max-failure-rate", "0.2"]
     )
-    with caplog.at_level(logging.INFO, logger="data_prep"):
+    with caplog.at_level(logging.INFO, logger="data_prep"), caplog.at_level(logging.INFO, logger="vitpipe.prep"):
         assert args.func(args) == 0
-    options = load_dataset_info(tmp_path / "o")["options"]
+    options = load_dataset_info(tmp_path / "o").options
     assert options["shard_size"] == 50 and options["seed"] == 2
     assert "prepared 3 classes" in caplog.text and "train: 22 samples in 1 shards" in caplog.text
 
@@ -413,9 +415,42 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
         _parser().parse_args(["prep", "imagenet", "--src", "a", "--out", "b", "--shard-size", "0"])
 
 
+def test_slurm_task_command_parses_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--slurm`` rebuilds each array task's command: same options, paths absolute, Slurm-only ones dropped."""
+    from vitpipe.prep import _task_argv
+
+    monkeypatch.chdir(tmp_path)
+    slurm_only = ["--slurm", "--slurm-tasks", "3", "--partition", "p", "--dry-run", "--workers", "5",
+                  "--task-index", "1", "--num-tasks", "2"]
+    cases = [
+        ["videolist", "--list", "train=a b.txt", "--list", "val=v.txt", "--root", "r", "--codec", "vp9", "--fps", "15",
+         "--out", "o", "--classes", "c.txt"],
+        ["imagenet", "--src", "s", "--out", "o", "--splits", "train", "val", "extra", "--header-only", "--resize", "64",
+         "--nodes", "2"],
+        ["kinetics", "--annotations", "t.csv", "v.csv", "--videos", "v", "--out", "o", "--full-videos"],
+    ]
+    for argv in cases:
+        args = _parser().parse_args(["prep", *argv, *slurm_only])
+        task = _task_argv(args)
+        assert not set(task) & {"--slurm", "--slurm-tasks", "--partition", "--dry-run", "--workers", "--task-index"}
+        back = _parser().parse_args(["prep", *task])
+        plain = _parser().parse_args(["prep", *argv])
+        for key, value in vars(plain).items():
+            if key in ("func", "task_options"):
+                continue
+            if isinstance(value, Path):
+                value = value.resolve()
+            elif isinstance(value, list):
+                value = [(v[0], v[1].resolve()) if isinstance(v, tuple) else v.resolve() if isinstance(v, Path)
+                         else v for v in value]
+            assert getattr(back, key) == value, key
+    videolist = _parser().parse_args(["prep", *cases[0], *slurm_only])
+    assert _task_argv(videolist)[:5] == ["videolist", "--out", str(tmp_path / "o"), "--shard-size", "100"]
+
+
 def test_python_m_entry_point(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "data_prep", "prep", "imagenet", "--help"],
+        [sys.executable, "-m", "vitpipe", "prep", "imagenet", "--help"],
         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2],
     )
     assert "--src DIR" in result.stdout

@@ -44,7 +44,7 @@ def test_array_template_two_tasks_then_merge(tmp_path: Path) -> None:
                          env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "every shard, index and manifest row checks out" in res.stderr
-    ref = subprocess.run([sys.executable, "-m", "data_prep", "prep", *args[:-4], "--out", str(tmp_path / "ref"),
+    ref = subprocess.run([sys.executable, "-m", "vitpipe", "prep", *args[:-4], "--out", str(tmp_path / "ref"),
                           "--shard-size", "4", "--workers", "1"], cwd=ROOT, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")

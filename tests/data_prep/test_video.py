@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from data_prep.format import Counts, DatasetInfo, load_dataset_info
 from data_prep.plan import Plan
-from data_prep.shard import load_dataset_info, merge, run_plan
+from data_prep.shard import merge, run_plan
 from data_prep.verify import verify_dataset
 from data_prep.video import VideoOptions, reencode_video
 from data_prep.video_sources import scan_diving48, scan_kinetics, scan_ssv2, scan_videolist
@@ -112,31 +113,31 @@ def kinetics(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]
     return root, files
 
 
-def _prep(plan: Plan, out: Path, codec: str) -> dict:
+def _prep(plan: Plan, out: Path, codec: str) -> DatasetInfo:
     run_plan(plan, out, VideoOptions(codec=codec, **OPTS), workers=1, threads=2, settings={"max_failure_rate": 0.5})
     return merge(out)
 
 
 @pytest.fixture(scope="module")
-def k_vp9(kinetics: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def k_vp9(kinetics: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DatasetInfo]:
     root, files = kinetics
     out = tmp_path_factory.mktemp("k_vp9")
     plan = scan_kinetics(files, root / "videos", shard_size=3, seed=0, options={"codec": "vp9", **OPTS})
     return out, _prep(plan, out, "vp9")
 
 
-def test_kinetics_counts_and_quarantine(k_vp9: tuple[Path, dict]) -> None:
+def test_kinetics_counts_and_quarantine(k_vp9: tuple[Path, DatasetInfo]) -> None:
     out, info = k_vp9
-    assert info["kind"] == "video" and info["classes"] == ["abseiling", "air drumming"]
-    assert info["counts"] == {"inputs": 14, "written": 10, "quarantined": 4}
-    assert info["splits"]["train"]["num_samples"] == 8 and info["splits"]["val"]["num_samples"] == 2
+    assert info.kind == "video" and list(info.classes) == ["abseiling", "air drumming"]
+    assert info.counts == Counts(inputs=14, written=10, quarantined=4)
+    assert info.splits["train"].num_samples == 8 and info.splits["val"].num_samples == 2
     q = {r["source"].split("/")[-1][:11]: r["reason"] for r in pq.read_table(out / "quarantine.parquet").to_pylist()}
     for ytid, (_, reason) in KINETICS_BAD.items():
         assert reason in q[ytid], (ytid, q[ytid])
     assert q["missing0000"] == "video file not found"
 
 
-def test_kinetics_manifest_video_fields(k_vp9: tuple[Path, dict]) -> None:
+def test_kinetics_manifest_video_fields(k_vp9: tuple[Path, DatasetInfo]) -> None:
     out, _ = k_vp9
     rows = {r["source"].split("/")[-1][:11]: r for r in pq.read_table(out / "train.parquet").to_pylist()}
     normal = rows["vid00000001"]
@@ -148,34 +149,34 @@ def test_kinetics_manifest_video_fields(k_vp9: tuple[Path, dict]) -> None:
     assert verify_dataset(out, decode_fraction=1.0) == []
 
 
-def test_webdataset_reads_video_shards(k_vp9: tuple[Path, dict]) -> None:
+def test_webdataset_reads_video_shards(k_vp9: tuple[Path, DatasetInfo]) -> None:
     import webdataset as wds
 
     out, info = k_vp9
-    urls = [str(out / "train" / s["name"]) for s in info["splits"]["train"]["shards"]]
+    urls = [str(out / "train" / s.name) for s in info.splits["train"].shards]
     n = 0
     for sample in wds.WebDataset(urls, shardshuffle=False):
         meta = json.loads(sample["json"])
-        assert int(sample["cls"]) == meta["label"] == info["classes"].index(meta["class_id"])
+        assert int(sample["cls"]) == meta["label"] == info.classes.index(meta["class_id"])
         with av.open(io.BytesIO(sample["webm"])) as c:
             assert sum(1 for _ in c.decode(video=0)) == meta["frames"]
         n += 1
     assert n == 8
 
 
-def test_dali_cpu_reads_vp9_shards_with_index(k_vp9: tuple[Path, dict]) -> None:
+def test_dali_cpu_reads_vp9_shards_with_index(k_vp9: tuple[Path, DatasetInfo]) -> None:
     dali = pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, types
 
     out, info = k_vp9
-    shards = info["splits"]["train"]["shards"]
+    shards = info.splits["train"].shards
     rows = pq.read_table(out / "train.parquet").to_pylist()
 
     @dali.pipeline_def(batch_size=2, num_threads=1, device_id=None)
     def pipe():  # type: ignore[no-untyped-def]
         video, lbl = fn.readers.webdataset(
-            paths=[str(out / "train" / s["name"]) for s in shards],
-            index_paths=[str(out / "train" / s["index"]) for s in shards],
+            paths=[str(out / "train" / s.name) for s in shards],
+            index_paths=[str(out / "train" / s.index) for s in shards],
             ext=["webm", "lbl"], dtypes=[types.UINT8, types.INT64], missing_component_behavior="error", name="r")
         return fn.decoders.video(video, device="cpu"), lbl
 
@@ -199,7 +200,7 @@ def test_h264_and_jpeg_frames_and_determinism(kinetics: tuple[Path, list[Path]],
         plan = scan_kinetics(files, root / "videos", shard_size=3, seed=0, options={"codec": codec, **OPTS})
         outs[codec] = _prep(plan, tmp_path / codec, codec)
     assert [r["format"] for r in pq.read_table(tmp_path / "h264" / "train.parquet").to_pylist()][0] == "h264"
-    first = str(tmp_path / "jpeg" / "train" / outs["jpeg"]["splits"]["train"]["shards"][0]["name"])
+    first = str(tmp_path / "jpeg" / "train" / outs["jpeg"].splits["train"].shards[0].name)
     sample = next(iter(wds.WebDataset(first, shardshuffle=False)))
     frames = sorted(k for k in sample if k.endswith(".jpg"))
     assert frames[0] == "f0000.jpg" and len(frames) == json.loads(sample["json"])["frames"]
@@ -247,7 +248,7 @@ def test_ssv2_layout(tmp_path: Path) -> None:
     assert plan.classes == ["Holding something", "Pushing something"]
     assert sorted((s.source, s.label) for s in plan.splits["train"]) == [("11.webm", 0), ("12.webm", 1)]
     info = _prep(plan, tmp_path / "out", "vp9")
-    assert info["counts"] == {"inputs": 3, "written": 3, "quarantined": 0}
+    assert info.counts == Counts(inputs=3, written=3, quarantined=0)
 
 
 def test_diving48_and_videolist_layouts(tmp_path: Path) -> None:
@@ -275,7 +276,7 @@ def test_diving48_and_videolist_layouts(tmp_path: Path) -> None:
 
 
 def test_video_cli_end_to_end(kinetics: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    from data_prep.cli import main
+    from vitpipe.prep import main
 
     root, files = kinetics
     args = ["prep", "kinetics", "--annotations", *map(str, files), "--videos", str(root / "videos"), "--out",
@@ -283,5 +284,5 @@ def test_video_cli_end_to_end(kinetics: tuple[Path, list[Path]], tmp_path: Path)
             "--workers", "2", "--max-failure-rate", "0.5"]
     assert main(args) == 0
     info = load_dataset_info(tmp_path)
-    assert info["options"]["codec"] == "vp9" and info["counts"]["written"] == 10
+    assert info.options["codec"] == "vp9" and info.counts.written == 10
     assert main(["prep", "verify", str(tmp_path)]) == 0

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import ROOT, run_cli
+from vitpipe.cli import build_parser
 
 COMMANDS = ["demo", "prep", "prep imagenet", "train", "eval", "export", "config", "models", "ui", "submit", "status",
             "cancel", "viz"]
@@ -25,6 +29,46 @@ def test_top_level_help_lists_every_command() -> None:
 def test_subcommand_help(command: str) -> None:
     proc = run_cli(*command.split(), "--help")
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) > 6, proc.stdout
+
+
+def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command of the parser tree: ``()``, ``("prep",)``, ``("prep", "imagenet")``, ..."""
+    paths = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths += _command_paths(sub, (*prefix, name))
+    return paths
+
+
+HELP_PATHS = _command_paths(build_parser())
+HEAVY = ("torch", "timm", "mlflow", "deepspeed", "accelerate")
+_HELP_IN_FRESH_PROCESS = """
+import sys
+from vitpipe.cli import main
+try:
+    main({argv!r})
+except SystemExit as exit_:
+    assert exit_.code == 0, f"exit status {{exit_.code}}"
+else:
+    raise AssertionError("--help did not exit")
+print(sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+def test_help_paths_cover_every_command() -> None:
+    names = {path[0] for path in HELP_PATHS if path}
+    assert set(COMMANDS) - {"prep imagenet"} <= names
+    assert {("prep", source) for source in ("imagenet", "kinetics", "ssv2", "diving48", "videolist")} <= set(HELP_PATHS)
+
+
+@pytest.mark.parametrize("path", HELP_PATHS, ids=lambda path: " ".join(path) or "vitpipe")
+def test_help_imports_no_torch(path: tuple[str, ...]) -> None:
+    """``vitpipe [COMMAND ...] --help`` builds the parser from light modules only (fresh process per case)."""
+    code = _HELP_IN_FRESH_PROCESS.format(argv=[*path, "--help"], heavy=HEAVY)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]", f"--help imported {proc.stdout.splitlines()[-1]}"
 
 
 @pytest.mark.parametrize("override, message", [

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from model import create_model
-from model.filtervit_viz import collect_filter_masks, render_filter_masks
+from model.viz.filtervit import collect_filter_masks, render_filter_masks
 from pipeline.checkpoint import export_weights
 from pipeline.config import JobCfg, ModelCfg
 from pipeline.config_io import dump_toml

@@ -199,3 +199,72 @@ def test_bf16_autocast(name: str) -> None:
         out = net(torch.randn(2, 3, 32, 32))
     out.float().sum().backward()
     assert torch.isfinite(out).all()
+
+
+# --- device/dtype and init_weights (the model owns its initialisation) ----------------------------------------
+
+def _state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and every buffer, the non-persistent positional tables included."""
+    return {**dict(net.named_parameters()), **dict(net.named_buffers())}
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("filtervit_pico", {}), ("dropoutvit_pico", {}),
+    ("filtervit_pico", dict(score_norm="instance", pos_embed="2d", head_hidden=0)),
+])
+def test_init_weights_redraws_the_constructors_initialisation(name: str, kw: dict) -> None:
+    torch.manual_seed(0)
+    net = create_model(name, **kw)
+    after_build = torch.rand(4)
+    ref = {k: v.clone() for k, v in _state(net).items()}
+    net.train()(torch.randn(4, 3, 32, 32)).sum().backward()  # moves the BatchNorm statistics
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        for b in net.buffers():
+            b.zero_()  # the positional tables too
+    torch.manual_seed(0)
+    net.init_weights()
+    assert torch.equal(torch.rand(4), after_build)  # the same number of draws as the constructor
+    for k, v in _state(net).items():
+        assert torch.equal(v, ref[k]), k
+
+
+@pytest.mark.parametrize("name", PICO)
+def test_meta_build_then_to_empty_and_init_weights(name: str) -> None:
+    torch.manual_seed(0)
+    ref = create_model(name).eval()
+    net = timm.create_model(name, device="meta")  # the constructor's device argument, not a device context
+    assert all(t.is_meta for t in _state(net).values())
+    net.to_empty(device="cpu")
+    torch.manual_seed(0)
+    net.init_weights()
+    net.eval()
+    for k, v in _state(net).items():
+        assert torch.equal(v, _state(ref)[k]), k
+    x = torch.randn(2, 3, 32, 32)
+    out = net(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    if name.startswith("filter"):  # DropoutViT draws new positions at every pass
+        assert torch.equal(out, ref(x))
+
+
+@pytest.mark.parametrize("name", PICO)
+def test_float64_build_and_reset_classifier(name: str) -> None:
+    net = timm.create_model(name, dtype=torch.float64)
+    assert {t.dtype for t in _state(net).values() if t.is_floating_point()} == {torch.float64}
+    out = net.train()(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    assert out.shape == (2, 10) and out.dtype == torch.float64 and torch.isfinite(out).all()
+    net.reset_classifier(4)
+    assert net.head.weight.dtype == torch.float64
+    assert net(torch.randn(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 4)
+
+
+def test_layers_take_device_and_dtype() -> None:
+    layer = FilterAttention(16, 28, 4, 48, device="meta", dtype=torch.float64)
+    state = _state(layer).values()
+    assert all(t.is_meta for t in state) and {t.dtype for t in state if t.is_floating_point()} == {torch.float64}
+    enc = EncoderLayer(32, 4, 96, dtype=torch.float64)
+    assert {p.dtype for p in enc.parameters()} == {torch.float64}
+    rand = RandomTokenAttention(16, 28, 4, 48, device="meta")
+    assert all(t.is_meta for t in _state(rand).values())

@@ -43,7 +43,7 @@ def test_mismatched_sizes_fail_loudly() -> None:
 
 
 def test_attention_png(tmp_path) -> None:  # noqa: ANN001
-    from model.structvit_viz import render_attention, structural_attention
+    from model.viz.structvit import render_attention, structural_attention
 
     torch.manual_seed(0)
     net = create_model("structvit_tiny_4_2")

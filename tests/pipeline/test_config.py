@@ -93,3 +93,70 @@ def test_run_name_is_one_directory_name() -> None:
     with pytest.raises(ConfigError, match="run.name"):
         RunCfg(name="a/b")
     assert RunCfg(name="it's $(x) ok").name == "it's $(x) ok"  # quoting is the Slurm renderer's job
+
+
+# ---------------------------------------------------------------- the [data.video] table
+
+
+def test_video_table_is_typed_and_listed_with_meanings() -> None:
+    import dataclasses
+
+    from pipeline.config import DataCfg, VideoCfg
+
+    rows = {key: doc for key, _, doc in field_docs()}
+    video_keys = {f"data.video.{f.name}" for f in dataclasses.fields(VideoCfg)}
+    assert video_keys <= set(rows) and all(rows[k] for k in video_keys)  # every key, each with its meaning
+    assert "data.video" not in rows  # the table itself is not a key
+    # one key per concept: no video field repeats a data field (img_size, mean, std, scale, ratio, flip ...)
+    data_fields = {f.name for f in dataclasses.fields(DataCfg)}
+    assert not {f.name for f in dataclasses.fields(VideoCfg)} & (data_fields | {"scale", "ratio", "flip"})
+
+
+def test_video_keys_are_validated_at_load_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"^data\.video\.frames = 0: must be >= 1$"):
+        load_config(None, ["--data.video.frames=0"])
+    with pytest.raises(ConfigError, match="unknown key 'data.video.flip'"):
+        load_config(None, ["--data.video.flip=true"])
+    with pytest.raises(ConfigError, match="data.video.recipe = 'k700'"):
+        load_config(None, ["--data.video.recipe=k700"])
+    with pytest.raises(ConfigError, match="data.hflip = 0.5: must be 0 with data.video.recipe = 'ssv2'"):
+        load_config(None, ["--data.video.recipe=ssv2"])  # direction-dependent labels: refused, not overridden
+    with pytest.raises(ConfigError, match="data.video.short_side_range"):
+        load_config(None, ["--data.img_size=288"])  # below the short-side range of the clip crop
+
+
+def test_video_recipe_fills_only_the_keys_the_table_leaves_out(tmp_path: Path) -> None:
+    cfg = load_config(None, ["--data.hflip=0", "--data.video.recipe=ssv2", "--data.video.frames=8"])
+    v = cfg.data.video
+    assert (v.recipe, v.sampling, v.frames, v.spatial_crops) == ("ssv2", "segment", 8, 3)
+    dumped = tmp_path / "config.toml"
+    dumped.write_text(dump_toml(cfg))
+    assert "[data.video]" in dumped.read_text() and load_config(dumped) == cfg
+    assert flatten(cfg)["data.video.frames"] == 8
+
+
+def test_bad_video_key_fails_before_any_run_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    recipe = ROOT / "jobs" / "demo" / "vitpico_digits_cls_cpu.toml"
+    out = tmp_path / "runs"
+    res = subprocess.run([sys.executable, "-m", "vitpipe", "train", str(recipe), "--data.video.frames=0",
+                          f"--run.output_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["vitpipe train: error: data.video.frames = 0: must be >= 1"]
+    assert not out.exists()
+
+
+def test_config_keys_command_lists_the_video_keys() -> None:
+    import dataclasses
+    import subprocess
+    import sys
+
+    from pipeline.config import VideoCfg
+
+    out = subprocess.run([sys.executable, "-m", "vitpipe", "config", "--keys"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.splitlines()
+    for f in dataclasses.fields(VideoCfg):
+        line = next(i for i, text in enumerate(out) if text.startswith(f"data.video.{f.name} = "))
+        assert out[line + 1].strip(), f.name  # its meaning, on the next line

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from vitpipe.cli import UserError, main
+from vitpipe.cli import main
+from vitpipe.errors import UserError
 from vitpipe.slurm import load_cluster
 from vitpipe.slurm_task import _children
 

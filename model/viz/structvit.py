@@ -15,8 +15,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
 from model.layers.structsa import kv_grid_size
@@ -93,6 +91,10 @@ def render_attention(net: StructViT, image: torch.Tensor, query: tuple[int, int]
     Returns:
         A PIL image (RGBA): input with the query marked, merged map overlaid, and the D detector maps.
     """
+    # Imported here: matplotlib is heavy and only drawing needs it (``import model.viz`` stays light).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     merged, per_d, _ = structural_attention(net, image, query, stage, block)
     rgb = _unnormalise(image, mean, std)
     h, w = rgb.shape[:2]

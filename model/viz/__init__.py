@@ -1,8 +1,9 @@
-"""One entry point for the models' pictures, so that training can log them without knowing the family.
+"""The models' pictures, with one entry point so that training can log them without knowing the family.
 
-StructViT (image) → the structural attention of the centre query (:mod:`model.structvit_viz`);
-FilterViT/DropoutViT → filter scores and selected pixels (:mod:`model.filtervit_viz`); other models
-have no pictures.
+StructViT (image) → the structural attention of the centre query (:mod:`model.viz.structvit`);
+FilterViT/DropoutViT → filter scores and selected pixels (:mod:`model.viz.filtervit`); other models
+have no pictures. Pictures are PIL images; matplotlib is imported only inside the functions that draw
+with it, so importing this package (or :mod:`model`) does not load it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from model.filtervit_viz import render_filter_masks
 from model.layers.filter_attention import TokenSubsetAttention
 from model.structvit import StructViT
-from model.structvit_viz import render_attention
+from model.viz.filtervit import render_filter_masks
+from model.viz.structvit import render_attention
+
+__all__ = ["has_pictures", "render_pictures"]
 
 
 def has_pictures(net: torch.nn.Module) -> bool:

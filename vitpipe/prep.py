@@ -1,8 +1,9 @@
-"""The ``prep`` command: offline conversion of image and video datasets into vitpipe datasets.
+"""The ``vitpipe prep`` command: offline conversion of image and video datasets into vitpipe datasets.
 
 Wire it into a top-level parser with :func:`add_prep_parser`; the chosen sub-command's handler is
-stored as ``args.func`` and returns an exit code. ``python -m data_prep`` runs it stand-alone (without
-importing torch, which is what the Slurm array template uses).
+stored as ``args.func`` and returns an exit code; :func:`main` runs it in-process (tests, benchmarks).
+``vitpipe prep`` imports no torch (the Slurm templates run ``python -m vitpipe prep``). The work is
+done by :mod:`data_prep`, which knows nothing of argument parsing.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from data_prep.errors import PrepError
+from data_prep.format import DATASET_JSON, DatasetInfo, FormatError
 
 logger = logging.getLogger(__name__)
 
@@ -109,54 +112,90 @@ def _split_file(text: str) -> tuple[str, Path]:
     return split, Path(path)
 
 
-def _add_common(p: argparse.ArgumentParser, shard_size: int) -> None:
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (created if missing)")
-    p.add_argument("--shard-size", type=_positive_int, default=shard_size, metavar="N",
-                   help="inputs per shard (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the global train shuffle (default: %(default)s)")
-    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
-                   help="processes writing shards (default: CPU count, %(default)s)")
-    p.add_argument("--threads", type=_positive_int, default=4, metavar="N",
-                   help="image reader threads per process (default: %(default)s; videos: one at a time)")
-    p.add_argument("--task-index", type=int, default=0, metavar="I", help="this array task (default: 0)")
-    p.add_argument("--num-tasks", type=_positive_int, default=1, metavar="N",
-                   help="array tasks sharing the work; >1 leaves the merge to `prep merge` (default: 1)")
-    p.add_argument("--max-failure-rate", type=_fraction, default=0.01, metavar="F",
-                   help="fail when more than this fraction of inputs is quarantined (default: %(default)s)")
+@dataclass(frozen=True)
+class _TaskOption:
+    """An option that the Slurm array tasks receive (their command is rebuilt from these)."""
+
+    flag: str
+    dest: str
+    form: Literal["switch", "value", "values", "repeated"]
+
+
+#: How an option's value is written back: argparse ``action`` -> form (else "values" with nargs, "value").
+_FORMS: dict[str | None, Literal["switch", "repeated"]] = {"store_true": "switch", "append": "repeated"}
+
+
+class _Options:
+    """Adds the options of one ``prep SOURCE`` parser and records those the array tasks need.
+
+    ``--slurm`` runs the same command in every array task; :func:`_task_argv` rebuilds it from the
+    parsed values of the recorded options (options added with ``task=False`` steer only this process
+    or the submission).
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.for_tasks: list[_TaskOption] = []
+
+    def add(self, container: Any, flag: str, *, task: bool = True, **kwargs: Any) -> None:
+        action = container.add_argument(flag, **kwargs)
+        if task:
+            form = _FORMS.get(kwargs.get("action"), "values" if kwargs.get("nargs") else "value")
+            self.for_tasks.append(_TaskOption(flag, action.dest, form))
+
+
+def _add_common(o: _Options, shard_size: int) -> None:
+    p = o.parser
+    o.add(p, "--out", type=Path, required=True, metavar="DIR", help="output directory (created if missing)")
+    o.add(p, "--shard-size", type=_positive_int, default=shard_size, metavar="N",
+          help="inputs per shard (default: %(default)s)")
+    o.add(p, "--seed", type=int, default=0, help="seed of the global train shuffle (default: %(default)s)")
+    o.add(p, "--workers", task=False, type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+          help="processes writing shards (default: CPU count, %(default)s)")
+    o.add(p, "--threads", type=_positive_int, default=4, metavar="N",
+          help="image reader threads per process (default: %(default)s; videos: one at a time)")
+    o.add(p, "--task-index", task=False, type=int, default=0, metavar="I", help="this array task (default: 0)")
+    o.add(p, "--num-tasks", task=False, type=_positive_int, default=1, metavar="N",
+          help="array tasks sharing the work; >1 leaves the merge to `prep merge` (default: 1)")
+    o.add(p, "--max-failure-rate", type=_fraction, default=0.01, metavar="F",
+          help="fail when more than this fraction of inputs is quarantined (default: %(default)s)")
     s = p.add_argument_group("Slurm (--slurm: submit a job array and a dependent merge job instead of running here)")
-    s.add_argument("--slurm", action="store_true", help="submit to Slurm (cluster defaults: slurm/cluster.toml)")
-    s.add_argument("--slurm-tasks", type=_positive_int, metavar="N", help="array tasks (default: the cluster file's)")
-    s.add_argument("--slurm-throttle", type=int, metavar="K", help="tasks running at once (0: no limit)")
-    s.add_argument("--partition", help="Slurm partition (default: the cluster file's)")
-    s.add_argument("--account", help="Slurm account (default: the cluster file's)")
-    s.add_argument("--qos", help="Slurm QOS (default: the cluster file's)")
-    s.add_argument("--time", help="time limit of each array task (default: the cluster file's [prep] time)")
-    s.add_argument("--cluster", metavar="FILE", help="cluster defaults (default: slurm/cluster.toml)")
-    s.add_argument("--dry-run", action="store_true", help="with --slurm: print the batch scripts, submit nothing")
+    o.add(s, "--slurm", task=False, action="store_true", help="submit to Slurm (cluster defaults: slurm/cluster.toml)")
+    o.add(s, "--slurm-tasks", task=False, type=_positive_int, metavar="N",
+          help="array tasks (default: the cluster file's)")
+    o.add(s, "--slurm-throttle", task=False, type=int, metavar="K", help="tasks running at once (0: no limit)")
+    o.add(s, "--partition", task=False, help="Slurm partition (default: the cluster file's)")
+    o.add(s, "--account", task=False, help="Slurm account (default: the cluster file's)")
+    o.add(s, "--qos", task=False, help="Slurm QOS (default: the cluster file's)")
+    o.add(s, "--time", task=False, help="time limit of each array task (default: the cluster file's [prep] time)")
+    o.add(s, "--cluster", task=False, metavar="FILE", help="cluster defaults (default: slurm/cluster.toml)")
+    o.add(s, "--dry-run", task=False, action="store_true",
+          help="with --slurm: print the batch scripts, submit nothing")
     g = p.add_argument_group("training layout (only for the shard-count warning)")
-    g.add_argument("--nodes", type=_positive_int, default=1, help="nodes you will train on (default: 1)")
-    g.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default: 8)")
-    g.add_argument("--loader-workers", type=_positive_int, default=8, help="loader workers per GPU (default: 8)")
+    o.add(g, "--nodes", type=_positive_int, default=1, help="nodes you will train on (default: 1)")
+    o.add(g, "--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default: 8)")
+    o.add(g, "--loader-workers", type=_positive_int, default=8, help="loader workers per GPU (default: 8)")
 
 
-def _add_video(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("video re-encoding")
-    g.add_argument("--codec", choices=("h264", "vp9", "jpeg"), default="h264",
-                   help="h264 (mp4), vp9 (webm) or jpeg (frame sequence) (default: %(default)s)")
-    g.add_argument("--fps", type=float, default=30.0, help="output frame rate (default: %(default)s)")
-    g.add_argument("--short-side", type=_positive_int, default=320, help="short side in pixels (default: %(default)s)")
-    g.add_argument("--keyint", type=_positive_int, default=8, help="keyframe interval in frames (default: %(default)s)")
-    g.add_argument("--crf", type=int, default=23, help="H.264/VP9 constant rate factor (default: %(default)s)")
-    g.add_argument("--quality", type=int, default=90, help="JPEG quality of frame sequences (default: %(default)s)")
-    g.add_argument("--max-seconds", type=float, default=60.0, help="cap on the clip length (default: %(default)s)")
+def _add_video(o: _Options) -> None:
+    g = o.parser.add_argument_group("video re-encoding")
+    o.add(g, "--codec", choices=("h264", "vp9", "jpeg"), default="h264",
+          help="h264 (mp4), vp9 (webm) or jpeg (frame sequence) (default: %(default)s)")
+    o.add(g, "--fps", type=float, default=30.0, help="output frame rate (default: %(default)s)")
+    o.add(g, "--short-side", type=_positive_int, default=320, help="short side in pixels (default: %(default)s)")
+    o.add(g, "--keyint", type=_positive_int, default=8, help="keyframe interval in frames (default: %(default)s)")
+    o.add(g, "--crf", type=int, default=23, help="H.264/VP9 constant rate factor (default: %(default)s)")
+    o.add(g, "--quality", type=int, default=90, help="JPEG quality of frame sequences (default: %(default)s)")
+    o.add(g, "--max-seconds", type=float, default=60.0, help="cap on the clip length (default: %(default)s)")
 
 
-def _sub(sources: Any, name: str, help_: str, description: str, shard_size: int) -> argparse.ArgumentParser:
+def _sub(sources: Any, name: str, help_: str, description: str, shard_size: int) -> _Options:
     p = sources.add_parser(name, help=help_, description=description, epilog=_SCALE_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common(p, shard_size)
-    p.set_defaults(prep_parser=p)
-    return p
+    o = _Options(p)
+    _add_common(o, shard_size)
+    p.set_defaults(task_options=o.for_tasks)
+    return o
 
 
 def add_prep_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -175,65 +214,66 @@ def add_prep_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sources = prep.add_subparsers(dest="prep_source", metavar="SOURCE", required=True)
-    imagenet = _sub(sources, "imagenet", "ImageNet / ImageFolder tree: SRC/train/<class-id>/*.JPEG [+ val]",
-                    _IMAGENET_DESCRIPTION, 1000)
-    imagenet.add_argument("--src", type=Path, required=True, metavar="DIR", help="source root holding train/ and val/")
-    imagenet.add_argument("--splits", nargs="+", default=["train", "val"], help="splits (default: train val)")
-    imagenet.add_argument("--val-solution", type=Path, metavar="CSV", help="LOC_val_solution.csv for a flat val/")
-    imagenet.add_argument("--devkit", type=Path, metavar="DIR", help="ILSVRC2012_devkit_t12 for a flat val/")
-    imagenet.add_argument("--synsets", type=Path, metavar="FILE", help="'<wnid> <names>' lines for class names")
-    g = imagenet.add_argument_group("image storage")
-    g.add_argument("--resize", type=_positive_int, metavar="N",
-                   help="downscale to short side N and re-encode as JPEG (default: store the source bytes)")
-    g.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (default: %(default)s)")
-    g.add_argument("--header-only", action="store_true",
-                   help="check image headers only (faster; truncated files are not caught)")
-    g.add_argument("--max-pixels", type=_positive_int, default=89_478_485,
-                   help="quarantine larger images as decompression bombs (default: %(default)s)")
-    imagenet.set_defaults(func=run_prep_imagenet)
+    o = _sub(sources, "imagenet", "ImageNet / ImageFolder tree: SRC/train/<class-id>/*.JPEG [+ val]",
+             _IMAGENET_DESCRIPTION, 1000)
+    p = o.parser
+    o.add(p, "--src", type=Path, required=True, metavar="DIR", help="source root holding train/ and val/")
+    o.add(p, "--splits", nargs="+", default=["train", "val"], help="splits (default: train val)")
+    o.add(p, "--val-solution", type=Path, metavar="CSV", help="LOC_val_solution.csv for a flat val/")
+    o.add(p, "--devkit", type=Path, metavar="DIR", help="ILSVRC2012_devkit_t12 for a flat val/")
+    o.add(p, "--synsets", type=Path, metavar="FILE", help="'<wnid> <names>' lines for class names")
+    g = p.add_argument_group("image storage")
+    o.add(g, "--resize", type=_positive_int, metavar="N",
+          help="downscale to short side N and re-encode as JPEG (default: store the source bytes)")
+    o.add(g, "--quality", type=int, default=90, help="JPEG quality when re-encoding (default: %(default)s)")
+    o.add(g, "--header-only", action="store_true",
+          help="check image headers only (faster; truncated files are not caught)")
+    o.add(g, "--max-pixels", type=_positive_int, default=89_478_485,
+          help="quarantine larger images as decompression bombs (default: %(default)s)")
+    p.set_defaults(func=run_prep_imagenet)
 
-    kinetics = _sub(sources, "kinetics", "Kinetics CSVs + <youtube_id>_<start>_<end>.mp4 clips",
+    o = _sub(sources, "kinetics", "Kinetics CSVs + <youtube_id>_<start>_<end>.mp4 clips",
                     "Kinetics-400/600/700.\n\n  --annotations train.csv validate.csv   columns label,youtube_id,"
                     "time_start,time_end,split\n  --videos DIR   clips named <youtube_id>_<start:06d>_<end:06d>.mp4 "
                     "anywhere below DIR\n  (--full-videos: uncut <youtube_id>.mp4, cut to [time_start, time_end))"
                     "\n\nClasses: sorted train label names.\n\n" + _VIDEO_NOTE, 100)
-    kinetics.add_argument("--annotations", type=Path, nargs="+", required=True, metavar="CSV")
-    kinetics.add_argument("--videos", type=Path, required=True, metavar="DIR")
-    kinetics.add_argument("--full-videos", action="store_true", help="files are uncut <youtube_id>.<ext> videos")
-    _add_video(kinetics)
-    kinetics.set_defaults(func=run_prep_video)
+    o.add(o.parser, "--annotations", type=Path, nargs="+", required=True, metavar="CSV")
+    o.add(o.parser, "--videos", type=Path, required=True, metavar="DIR")
+    o.add(o.parser, "--full-videos", action="store_true", help="files are uncut <youtube_id>.<ext> videos")
+    _add_video(o)
+    o.parser.set_defaults(func=run_prep_video)
 
-    ssv2 = _sub(sources, "ssv2", "Something-Something v2: labels.json + train/validation.json + <id>.webm",
+    o = _sub(sources, "ssv2", "Something-Something v2: labels.json + train/validation.json + <id>.webm",
                 "Something-Something v2.\n\n  --labels labels.json   {template: index}\n  --train train.json "
                 "--validation validation.json   [{id, template, ...}]\n  --videos DIR   <id>.webm\n\n" + _VIDEO_NOTE,
                 100)
-    ssv2.add_argument("--labels", type=Path, required=True, metavar="JSON")
-    ssv2.add_argument("--train", type=Path, required=True, metavar="JSON")
-    ssv2.add_argument("--validation", type=Path, metavar="JSON")
-    ssv2.add_argument("--videos", type=Path, required=True, metavar="DIR")
-    _add_video(ssv2)
-    ssv2.set_defaults(func=run_prep_video)
+    o.add(o.parser, "--labels", type=Path, required=True, metavar="JSON")
+    o.add(o.parser, "--train", type=Path, required=True, metavar="JSON")
+    o.add(o.parser, "--validation", type=Path, metavar="JSON")
+    o.add(o.parser, "--videos", type=Path, required=True, metavar="DIR")
+    _add_video(o)
+    o.parser.set_defaults(func=run_prep_video)
 
-    diving = _sub(sources, "diving48", "Diving48: Diving48_V2_{train,test}.json + <vid_name>.mp4",
+    o = _sub(sources, "diving48", "Diving48: Diving48_V2_{train,test}.json + <vid_name>.mp4",
                   "Diving48.\n\n  --train Diving48_V2_train.json --val Diving48_V2_test.json   [{vid_name, label, "
                   "...}]\n  --vocab Diving48_vocab.json   optional class names\n  --videos DIR   <vid_name>.mp4\n\n"
                   + _VIDEO_NOTE, 100)
-    diving.add_argument("--train", type=Path, required=True, metavar="JSON")
-    diving.add_argument("--val", type=Path, metavar="JSON")
-    diving.add_argument("--vocab", type=Path, metavar="JSON")
-    diving.add_argument("--videos", type=Path, required=True, metavar="DIR")
-    _add_video(diving)
-    diving.set_defaults(func=run_prep_video)
+    o.add(o.parser, "--train", type=Path, required=True, metavar="JSON")
+    o.add(o.parser, "--val", type=Path, metavar="JSON")
+    o.add(o.parser, "--vocab", type=Path, metavar="JSON")
+    o.add(o.parser, "--videos", type=Path, required=True, metavar="DIR")
+    _add_video(o)
+    o.parser.set_defaults(func=run_prep_video)
 
-    vlist = _sub(sources, "videolist", "generic '<path> <label> [<start> <end>]' lists (FineGym, UCF101, ...)",
+    o = _sub(sources, "videolist", "generic '<path> <label> [<start> <end>]' lists (FineGym, UCF101, ...)",
                  "Generic video lists.\n\n  --list train=train.txt --list val=val.txt   lines '<path> <label> "
                  "[<start> <end>]'\n  --root DIR   paths are relative to it\n  --classes FILE   optional, one "
                  "class name per line (line i = label i)\n\n" + _VIDEO_NOTE, 100)
-    vlist.add_argument("--list", type=_split_file, action="append", required=True, metavar="SPLIT=FILE")
-    vlist.add_argument("--root", type=Path, required=True, metavar="DIR")
-    vlist.add_argument("--classes", type=Path, metavar="FILE")
-    _add_video(vlist)
-    vlist.set_defaults(func=run_prep_video)
+    o.add(o.parser, "--list", type=_split_file, action="append", required=True, metavar="SPLIT=FILE")
+    o.add(o.parser, "--root", type=Path, required=True, metavar="DIR")
+    o.add(o.parser, "--classes", type=Path, metavar="FILE")
+    _add_video(o)
+    o.parser.set_defaults(func=run_prep_video)
 
     merge = sources.add_parser("merge", help="after array tasks: check all shards, write manifests + dataset.json",
                                description="Check that every planned shard is complete, then write the split "
@@ -276,20 +316,15 @@ def _run(args: argparse.Namespace, plan: Any, opts: Any) -> int:
     return 0
 
 
-def _report(info: dict[str, Any], out: Path) -> None:
-    c = info["counts"]
-    parts = [f"{name}: {s['num_samples']} samples in {len(s['shards'])} shards" for name, s in info["splits"].items()]
+def _report(info: DatasetInfo, out: Path) -> None:
+    c = info.counts
+    parts = [f"{name}: {s.num_samples} samples in {len(s.shards)} shards" for name, s in info.splits.items()]
     logger.info("prepared %d classes; %s; inputs %d = written %d + quarantined %d; output %s",
-                info["num_classes"], "; ".join(parts), c["inputs"], c["written"], c["quarantined"],
-                Path(out) / "dataset.json")
-
-
-_NOT_FOR_TASKS = {"help", "task_index", "num_tasks", "workers", "slurm", "slurm_tasks", "slurm_throttle", "partition",
-                  "account", "qos", "time", "cluster", "dry_run"}
+                info.num_classes, "; ".join(parts), c.inputs, c.written, c.quarantined, Path(out) / DATASET_JSON)
 
 
 def _task_argv(args: argparse.Namespace) -> list[str]:
-    """The prep command of one array task, rebuilt from the parsed arguments (paths made absolute)."""
+    """The prep command of one array task, rebuilt from the parsed values of its options (paths made absolute)."""
     def text(value: Any) -> str:
         if isinstance(value, Path):
             return str(value.resolve())
@@ -298,19 +333,18 @@ def _task_argv(args: argparse.Namespace) -> list[str]:
         return str(value)
 
     argv = [args.prep_source]
-    for action in args.prep_parser._actions:
-        value = getattr(args, action.dest, None)
-        if action.dest in _NOT_FOR_TASKS or not action.option_strings or value is None or value is False:
+    for opt in args.task_options:
+        value = getattr(args, opt.dest)
+        if value is None or value is False:
             continue
-        opt = action.option_strings[-1]
-        if value is True:
-            argv.append(opt)
-        elif isinstance(action, argparse._AppendAction):
-            argv += [x for v in value for x in (opt, text(v))]
-        elif isinstance(value, list):
-            argv += [opt, *map(text, value)]
+        if opt.form == "switch":
+            argv.append(opt.flag)
+        elif opt.form == "repeated":
+            argv += [x for v in value for x in (opt.flag, text(v))]
+        elif opt.form == "values":
+            argv += [opt.flag, *map(text, value)]
         else:
-            argv += [opt, text(value)]
+            argv += [opt.flag, text(value)]
     return argv
 
 
@@ -392,20 +426,20 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m data_prep prep <source> ...``).
+    """Runs ``vitpipe prep ...`` in this process without the rest of the ``vitpipe`` command.
 
     Args:
-        argv: Arguments without the program name; None reads ``sys.argv``.
+        argv: Arguments without the program name (``["prep", "imagenet", ...]``); None reads ``sys.argv``.
 
     Returns:
-        The exit code.
+        The exit code: 0, 1 when ``prep verify`` found problems, 2 for unusable input.
     """
-    parser = argparse.ArgumentParser(prog="python -m data_prep", description=_PREP_DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="vitpipe", description=_PREP_DESCRIPTION)
     add_prep_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except PrepError as exc:
+    except (PrepError, FormatError) as exc:
         sys.stderr.write(f"prep: error: {exc}\n")
         return 2
