@@ -27,7 +27,7 @@ def evaluate(net: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]], de
             multi-view clips whose V views' softmax scores are averaged) and ``label`` (B).
         device: Where the model lives.
         autocast_dtype: bf16 for mixed-precision evaluation, None for fp32.
-        input_dtype: dtype the inputs are cast to (bf16 for DeepSpeed's bf16 mode).
+        input_dtype: dtype the inputs are cast to (the engine's ``input_dtype``: bf16 where it holds bf16 weights).
 
     Returns:
         ``{"top1", "top5"}`` in percent, ``"loss"`` (mean cross-entropy) and ``"samples"`` (global count).

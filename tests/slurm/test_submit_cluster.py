@@ -239,7 +239,7 @@ def test_prep_array_and_merge_write_what_one_process_writes(slurm_cluster, clust
     assert merge.ok, (merge, logs[-3000:])
     assert "every shard, index and manifest row checks out" in logs
 
-    ref = subprocess.run([sys.executable, "-m", "data_prep", "prep", "imagenet", "--src", str(src), "--out",
+    ref = subprocess.run([sys.executable, "-m", "vitpipe", "prep", "imagenet", "--src", str(src), "--out",
                           str(tmp_path / "ref"), "--shard-size", "4", "--workers", "1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
