@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_prep.format import read_index
 
+from data_prep.format import read_index
 from pipeline.config import DataCfg, JobCfg
 from pipeline.data.dali import DaliLoader, epoch_plan
 from pipeline.data.loaders import build_eval, build_loaders
