@@ -1,8 +1,15 @@
-"""Evaluation: top-1 / top-5 accuracy and loss over a split, summed over all ranks; ``evaluate_run``."""
+"""Evaluation: top-1 / top-5 accuracy and loss over a split, summed over all ranks; ``evaluate_run``.
+
+Every rank runs the same number of forward passes, whatever its share of the split: before each
+batch the ranks agree (one small all-reduce) whether any of them still has data and what its input
+shape is; a rank whose share is exhausted runs a one-sample zero batch whose results are masked out.
+Engines that gather weights inside the forward (DeepSpeed ZeRO-3) therefore never wait on a rank that
+has stopped, and the metrics still count every validation sample exactly once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +19,51 @@ import torch.nn.functional as F
 from pipeline.build import build_model
 from pipeline.config_io import load_config
 from pipeline.data.loaders import build_eval
-from pipeline.dist import all_reduce_sum
+from pipeline.dist import all_reduce_max, all_reduce_sum
 from pipeline.rundir import RunError, config_of
+
+#: Input dimensions the shape agreement carries: B×V×3×T×H×W at most (multi-view video).
+_MAX_DIMS = 6
+
+
+def lockstep(loader: Iterable[dict[str, torch.Tensor]]) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    """This rank's batches, padded so that every rank yields the same number.
+
+    Yields:
+        ``(batch, real)``: this rank's next batch with ``real=True``; once it has none left while another
+        rank still has some, a one-sample zero batch of that rank's input shape with ``real=False``.
+    """
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        shape = _agreed_shape(batch)
+        if shape is None:  # no rank has a batch left
+            return
+        if batch is not None:
+            yield batch, True
+        else:
+            yield {"input": torch.zeros((1, *shape[1:])), "label": torch.zeros(1, dtype=torch.int64)}, False
+
+
+def _agreed_shape(batch: dict[str, torch.Tensor] | None) -> tuple[int, ...] | None:
+    """The input shape of some rank's next batch (None: every rank is done); one all-reduce per call."""
+    mine = [0] * (2 + _MAX_DIMS)
+    if batch is not None:
+        dims = list(batch["input"].shape)
+        mine = [1, len(dims), *dims, *[0] * (_MAX_DIMS - len(dims))]
+    agreed = all_reduce_max(mine)
+    if not agreed[0]:
+        return None
+    return tuple(agreed[2 : 2 + agreed[1]])
 
 
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]], device: torch.device,
              autocast_dtype: torch.dtype | None = None, input_dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Evaluates ``net`` on this rank's share of a split and reduces the counts over ranks.
+
+    Every rank runs the same number of forward passes (:func:`lockstep`), so it is safe under engines
+    that gather weights inside the forward.
 
     Args:
         net: The (unwrapped) model; it is put in eval mode and back.
@@ -34,22 +78,22 @@ def evaluate(net: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]], de
     """
     was_training = net.training
     net.eval()
-    correct1 = correct5 = loss_sum = count = 0.0
-    for batch in loader:
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, count; on the device
+    for batch, real in lockstep(loader):
         inputs, labels = batch["input"].to(device, input_dtype), batch["label"].to(device)
         views = inputs.shape[1] if inputs.dim() == 6 else 0
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = net(inputs.flatten(0, 1) if views else inputs).float()  # (B·V)×classes
+        if not real:  # a padding pass: this rank's share is done, another rank's is not
+            continue
         if views:  # average the views' probabilities; the loss is taken on their log
             logits = logits.softmax(-1).view(labels.numel(), views, -1).mean(1).log()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices  # B×5
         hits = topk.eq(labels[:, None])
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        count += labels.numel()
+        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), F.cross_entropy(logits, labels, reduction="sum"),
+                             torch.tensor(labels.numel(), device=device)]).double()
     net.train(was_training)
-    correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count])
+    correct1, correct5, loss_sum, count = all_reduce_sum(sums.tolist())
     n = max(count, 1.0)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "samples": count}
 
