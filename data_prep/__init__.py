@@ -7,12 +7,14 @@ Modules:
     imagenet: ImageNet layouts (flat val with devkit or Kaggle CSV labels, synset names) -> plan.
     video_sources: Kinetics, Something-Something v2, Diving48 and generic video lists -> plan.
     plan: the deterministic plan (ordering, shard boundaries, keys, digests, array-task ranges).
-    images: checking, converting or quarantining one image; optional resize + re-encode.
+    planfile: the plan written once per output directory, read in slices by array tasks.
+    images: checking (1/8-scale decode), converting or quarantining one image; optional resize + re-encode.
     video: PyAV re-encoding of one video (window, fps, short side, GOP; h264 / vp9 / JPEG frames).
     probe: header-only image inspection with PIL.
     tarwrite: deterministic tar writer that also writes the DALI ``.idx`` index.
     manifest: parquet tables of the manifests.
-    shard: plan -> shards on a process pool (resumable), merge -> manifests + ``dataset.json``.
+    shard: plan (or a task's slice of the plan file) -> shards on a process pool (resumable), merge ->
+        manifests + ``dataset.json``.
     verify: ``prep verify`` and ``prep inspect``.
     errors: :class:`~data_prep.errors.PrepError`.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,22 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def shard_digest(kind: str, options: dict[str, Any], split: str, index: int, first: int,
+                 items: Sequence[Sample]) -> str:
+    """The digest of one shard: its inputs (source, label, class, window), position and the options.
+
+    A shard's sidecar records it; resume and merge compare it with the plan's, and array tasks check the
+    rows they read from the plan file against it.
+    """
+    return records_digest(kind, options, split, index, first, [_item_record(s) for s in items])
+
+
+def records_digest(kind: str, options: dict[str, Any], split: str, index: int, first: int,
+                   records: Sequence[Sequence[Any]]) -> str:
+    """:func:`shard_digest` from the inputs' ``[source, label, class_id, start, end]`` records."""
+    return _digest([kind, options, split, index, first, records])
+
+
 @dataclass
 class Plan:
     """The whole run: classes, ordered inputs per split, shard boundaries and options.
@@ -101,6 +117,7 @@ class Plan:
     prequarantined: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     _shards: list[ShardTask] | None = field(default=None, init=False, repr=False, compare=False)
+    _digests: dict[tuple[str, int], str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -115,24 +132,39 @@ class Plan:
     def shards(self) -> list[ShardTask]:
         """All shards of all splits, in split order then shard order (the global shard list; computed once)."""
         if self._shards is None:
-            self._shards = self._make_shards()
+            self._shards = list(self.iter_shards())
         return self._shards
 
-    def _make_shards(self) -> list[ShardTask]:
-        tasks = []
+    def iter_shards(self) -> Iterator[ShardTask]:
+        """The shards of :meth:`shards` one at a time, without keeping the list."""
         for split, items in self.splits.items():
             for index, first in enumerate(range(0, len(items), self.shard_size)):
                 chunk = tuple(items[first : first + self.shard_size])
-                digest = _digest([self.kind, self.options, split, index, first, [_item_record(s) for s in chunk]])
-                tasks.append(ShardTask(split, index, first, chunk, digest))
-        return tasks
+                yield ShardTask(split, index, first, chunk, self.digest(split, index))
+
+    def num_shards(self, split: str) -> int:
+        """Shards of a split (the last may hold fewer than ``shard_size`` inputs)."""
+        return -(-len(self.splits[split]) // self.shard_size)
+
+    def digest(self, split: str, index: int) -> str:
+        """The :func:`shard_digest` of one shard (computed once)."""
+        key = (split, index)
+        if key not in self._digests:
+            first = index * self.shard_size
+            items = self.splits[split][first : first + self.shard_size]
+            self._digests[key] = shard_digest(self.kind, self.options, split, index, first, items)
+        return self._digests[key]
 
     def num_inputs(self, split: str) -> int:
         """Inputs of a split: planned items plus those rejected while scanning."""
         return len(self.splits[split]) + len(self.prequarantined.get(split, []))
 
-    def describe(self) -> dict[str, Any]:
-        """The JSON-serialisable record that ``prep merge`` needs (stored as ``_parts/plan.json``)."""
+    def describe(self, digests: dict[str, list[str]] | None = None) -> dict[str, Any]:
+        """The JSON-serialisable record that ``prep merge`` needs (stored as ``_parts/plan.json``).
+
+        Args:
+            digests: Split -> the digest of each shard, when the caller computed them (else computed here).
+        """
         return {
             "kind": self.kind,
             "classes": self.classes,
@@ -142,7 +174,8 @@ class Plan:
             "splits": {
                 split: {
                     "inputs": self.num_inputs(split),
-                    "shards": [t.digest for t in self.shards() if t.split == split],
+                    "shards": (digests[split] if digests is not None
+                               else [self.digest(split, i) for i in range(self.num_shards(split))]),
                     "prequarantined": [list(x) for x in self.prequarantined.get(split, [])],
                 }
                 for split in self.splits

@@ -57,19 +57,37 @@ def probe_image(data: bytes) -> ImageInfo:
     Raises:
         ProbeError: If PIL cannot identify the bytes, or the format is not JPEG or PNG.
     """
+    img, info = open_image(data)
+    img.close()
+    return info
+
+
+def open_image(data: bytes) -> tuple[Image.Image, ImageInfo]:
+    """Open an image lazily (header parsed, pixels not decoded) and identify it, as :func:`probe_image`.
+
+    Args:
+        data: Encoded file bytes.
+
+    Returns:
+        The opened image, which the caller closes (or decodes), and its format and size.
+
+    Raises:
+        ProbeError: If PIL cannot identify the bytes, or the format is not JPEG or PNG.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            pil_format = img.format or "unknown"
-            width, height = img.size
+        img = Image.open(io.BytesIO(data))
+        pil_format = img.format or "unknown"
+        width, height = img.size
     except UnidentifiedImageError as exc:
         raise ProbeError("PIL cannot identify the data as an image (corrupt file or unknown format)") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad input
         # Strip object addresses ("<_io.BytesIO object at 0x...>") so reasons are reproducible.
         message = _ADDRESS_RE.sub("", str(exc))
         raise ProbeError(f"cannot read image header: {type(exc).__name__}: {message}") from exc
-    if pil_format not in _FORMATS:
-        raise ProbeError(f"unsupported image format {pil_format} (only JPEG and PNG are accepted)")
-    if width <= 0 or height <= 0:
+    if pil_format not in _FORMATS or width <= 0 or height <= 0:
+        img.close()
+        if pil_format not in _FORMATS:
+            raise ProbeError(f"unsupported image format {pil_format} (only JPEG and PNG are accepted)")
         raise ProbeError(f"invalid image size {width}x{height}")
     ext, fmt = _FORMATS[pil_format]
-    return ImageInfo(ext=ext, format=fmt, width=int(width), height=int(height))
+    return img, ImageInfo(ext=ext, format=fmt, width=int(width), height=int(height))

@@ -8,15 +8,17 @@ Output layout::
     <out>/train/train-000000.tar         WebDataset shard
     <out>/train/train-000000.idx         DALI index of that shard (wds2idx format)
     <out>/train/train-000000.parquet     shard sidecar: its manifest rows; written last, marks the shard done
-    <out>/_parts/plan.json               what the merge needs (classes, shard digests, options)
+    <out>/_parts/plan.json               what the merge needs (classes, shard digests, options); written last
+    <out>/_parts/plan.parquet            the planned inputs, read in slices by array tasks (data_prep.planfile)
 
 Each sample holds its media component(s), then the label and metadata components; names, encodings
 and the ``dataset.json`` layout are defined in :mod:`data_prep.format`.
 
-Work is split by shard: :func:`run_plan` writes the shards of one task range (all of them by default)
-on a process pool and skips shards whose sidecar says they are complete for the same inputs and
-options; :func:`merge` checks that every planned shard is there and writes the split manifests, the
-quarantine manifest and ``dataset.json``.
+Work is split by shard: :func:`run_plan` writes the plan file and the shards of one task range (all
+of them by default) on a process pool and skips shards whose sidecar says they are complete for the
+same inputs and options; :func:`run_planned` does the same for an array task from the plan file
+alone (no scan, only its slice in memory); :func:`merge` checks that every planned shard is there and
+writes the split manifests, the quarantine manifest and ``dataset.json``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ from data_prep.format import (
     Settings,
     ShardInfo,
     SplitInfo,
-    atomic_write_bytes,
     encode_meta,
     index_name,
     label_components,
@@ -63,19 +64,18 @@ from data_prep.images import Encoded, ImageOptions, Quarantine, process_image
 from data_prep.loading import ordered_map
 from data_prep.manifest import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, ManifestRow, rows_to_table, write_table_atomic
 from data_prep.plan import Plan, ShardTask, check_split_name, order_samples, task_range
+from data_prep.planfile import PARTS_DIR, PLAN_JSON, read_slice, write_plan
 from data_prep.scan import Sample
 from data_prep.tarwrite import TarShardWriter
 from data_prep.video import VideoOptions
 
 logger = logging.getLogger(__name__)
 
-PARTS_DIR = "_parts"
-PLAN_JSON = "plan.json"
 #: Default reader threads per process.
 DEFAULT_WORKERS = 4
 _SHARD_META = b"vitpipe.shard"
 
-__all__ = ["ShardResult", "merge", "prep_imagefolder", "run_plan", "write_split"]
+__all__ = ["ShardResult", "merge", "prep_imagefolder", "run_plan", "run_planned", "write_split"]
 
 
 @dataclass(frozen=True)
@@ -288,12 +288,22 @@ def _run_tasks(
                 on_result(fut.result())
 
 
-def write_plan_record(plan: Plan, out: Path, settings: Settings) -> None:
-    """Store ``_parts/plan.json`` (identical for every task of the same run)."""
-    parts = out / PARTS_DIR
-    parts.mkdir(parents=True, exist_ok=True)
-    record = {**plan.describe(), "settings": settings}
-    atomic_write_bytes(parts / PLAN_JSON, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+def _run_range(
+    mine: Sequence[ShardTask], span: range, num_shards: int, out: Path, opts: ImageOptions | VideoOptions,
+    workers: int, threads: int, task_index: int, num_tasks: int,
+) -> list[ShardResult]:
+    logger.info("task %d/%d: shards %d..%d of %d (%d inputs); %d process(es)", task_index, num_tasks,
+                span.start, span.stop - 1, num_shards, sum(len(t.items) for t in mine), workers)
+    results: list[ShardResult] = []
+    progress = _Progress(sum(len(t.items) for t in mine), len(mine), f"prep {task_index}/{num_tasks}")
+    try:
+        _run_tasks(mine, out, opts, workers, threads, lambda r: (results.append(r), progress.update(r)))
+    finally:
+        progress.close()
+    skipped = sum(r.skipped for r in results)
+    if skipped:
+        logger.info("resumed: %d of %d shards were already complete and kept", skipped, len(results))
+    return results
 
 
 def run_plan(
@@ -306,11 +316,12 @@ def run_plan(
     task_index: int = 0,
     num_tasks: int = 1,
     settings: Settings | None = None,
+    request: Sequence[str] | None = None,
 ) -> list[ShardResult]:
-    """Write this task's range of the plan's shards; with one task, also merge.
+    """Write the plan file, then this task's range of the plan's shards (all of them by default).
 
     Args:
-        plan: The run's plan (every task must build the same one).
+        plan: The run's plan.
         out: Output root.
         opts: Image or video options.
         workers: Processes writing shards in parallel (1: in this process).
@@ -318,6 +329,7 @@ def run_plan(
         task_index: This task's index (Slurm: ``SLURM_ARRAY_TASK_ID``).
         num_tasks: Number of tasks; each gets a disjoint, contiguous range of shards.
         settings: Run settings stored for the merge (train layout, max failure rate).
+        request: The planning command, stored with the plan (:func:`data_prep.planfile.write_plan`).
 
     Returns:
         One result per shard of this task's range (``skipped`` for shards that were already complete).
@@ -325,22 +337,40 @@ def run_plan(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / DATASET_JSON).unlink(missing_ok=True)
-    write_plan_record(plan, out, settings or Settings())
+    write_plan(plan, out, settings or Settings(), request)
     shards = plan.shards()
     span = task_range(len(shards), task_index, num_tasks)
-    mine = [shards[i] for i in span]
-    logger.info("task %d/%d: shards %d..%d of %d (%d inputs); %d process(es)", task_index, num_tasks,
-                span.start, span.stop - 1, len(shards), sum(len(t.items) for t in mine), workers)
-    results: list[ShardResult] = []
-    progress = _Progress(sum(len(t.items) for t in mine), len(mine), f"prep {task_index}/{num_tasks}")
-    try:
-        _run_tasks(mine, out, opts, workers, threads, lambda r: (results.append(r), progress.update(r)))
-    finally:
-        progress.close()
-    skipped = sum(r.skipped for r in results)
-    if skipped:
-        logger.info("resumed: %d of %d shards were already complete and kept", skipped, len(results))
-    return results
+    return _run_range([shards[i] for i in span], span, len(shards), out, opts, workers, threads,
+                      task_index, num_tasks)
+
+
+def run_planned(
+    out: Path,
+    opts: ImageOptions | VideoOptions,
+    *,
+    workers: int = 1,
+    threads: int = DEFAULT_WORKERS,
+    task_index: int = 0,
+    num_tasks: int = 1,
+) -> list[ShardResult]:
+    """Write this task's range of shards from the plan file in ``out`` (no scan; only the slice is read).
+
+    Args:
+        out: Output root holding ``_parts/plan.json`` and ``_parts/plan.parquet``
+            (:func:`data_prep.planfile.ensure_plan`).
+        opts: Image or video options (the plan's digests cover them: shards are checked on resume and merge).
+        workers: Processes writing shards in parallel (1: in this process).
+        threads: Reader threads per process.
+        task_index: This task's index.
+        num_tasks: Number of tasks.
+
+    Returns:
+        One result per shard of this task's range.
+    """
+    out = Path(out)
+    (out / DATASET_JSON).unlink(missing_ok=True)
+    part = read_slice(out, task_index, num_tasks)
+    return _run_range(part.tasks, part.span, part.num_shards, out, opts, workers, threads, task_index, num_tasks)
 
 
 # ---------------------------------------------------------------- merge

@@ -162,8 +162,25 @@ class DataCfg:
     """Per-process batch size; the global batch is this × processes × gradient-accumulation steps."""
     num_workers: int = 4
     """Loader worker processes per training process (0 decodes in the training process)."""
+    sampler: Literal["exact", "stream"] = "exact"
+    """How training epochs are drawn (docs/data_loading.md). ``exact``: every training sample once per epoch
+    across all processes (but a remainder smaller than one global batch), read by byte range in an order
+    planned from ``(run.seed, epoch)`` that does not depend on the process or worker count (``vitpipe order``
+    prints it); the loaders can continue an epoch on another number of processes. ``stream``: each worker reads
+    whole shards sequentially through a shuffle buffer (for storage where random reads are slow); per epoch
+    some samples repeat or are missed, and a change of process count restarts the epoch."""
+    shuffle_shards: int = 16
+    """``exact`` sampling: the epoch's shard permutation is cut into blocks of this many shards and the
+    samples of each block are shuffled together; a process reads from about this many shards at a time."""
+    max_open_files: int = 64
+    """Shard files each reading process (loader worker, or the DALI feed) keeps open; the least recently used
+    is closed first, so open files stay bounded whatever the shard count."""
+    record_keys: str = ""
+    """Debug: a directory where every process writes the keys of the samples it trained on, one CSV per
+    epoch, ``keys-rank{R}-of{W}-epoch{E}.csv`` with the columns of ``vitpipe order --out`` (``rank,step,key``);
+    empty = off."""
     shuffle_buffer: int = 2000
-    """Samples held by each worker's shuffle buffer (on top of the per-epoch shard shuffle)."""
+    """``stream`` sampling: samples held by each worker's shuffle buffer (on top of the per-epoch shard shuffle)."""
     crop_scale: tuple[float, float] = (0.08, 1.0)
     """Random-resized-crop area range, as fractions of the image."""
     crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
@@ -188,7 +205,8 @@ class DataCfg:
     persistent_workers: bool = True
     """Keep ``wds`` loader workers alive across epochs (no worker start-up at every epoch)."""
     resample_shards: bool = False
-    """Allow fewer shards than ranks × workers by repeating shards within an epoch (otherwise an error)."""
+    """``stream`` sampling: allow fewer shards than ranks × workers by repeating shards within an epoch
+    (otherwise an error)."""
     randaugment: str = ""
     """timm RandAugment string, e.g. ``rand-m9-mstd0.5-inc1``; empty = off."""
     color_jitter: float = 0.0
@@ -213,6 +231,9 @@ class DataCfg:
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, ">= 1")
+        _check(self.sampler in ("exact", "stream"), "data.sampler", self.sampler, "one of 'exact', 'stream'")
+        _check(self.shuffle_shards >= 1, "data.shuffle_shards", self.shuffle_shards, ">= 1")
+        _check(self.max_open_files >= 1, "data.max_open_files", self.max_open_files, ">= 1")
         lo, hi = self.crop_scale
         _check(0 < lo <= hi <= 1, "data.crop_scale", self.crop_scale, "0 < min <= max <= 1")
         _check(0 < self.crop_ratio[0] <= self.crop_ratio[1], "data.crop_ratio", self.crop_ratio,

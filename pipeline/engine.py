@@ -10,8 +10,9 @@ accelerate's ``Accelerator`` is the engine, with two backends:
 Everything else asks :class:`Engine` (or, before one exists, :func:`weights_sharded`) what
 differs between them: the files it writes into the run directory, whether it clips gradients
 itself, whether every rank holds whole weights (EMA, pictures), the dtype of the model's inputs,
-how a checkpoint written by another number of processes is loaded, and how a checkpoint is read
-back as fp32 weights (:func:`checkpoint_weights`).
+how a checkpoint written by another number of processes is loaded, how the live model's whole fp32
+weights are gathered at the end of a run (:meth:`Engine.gather_weights`, every rank taking part) and
+how a checkpoint is read back as fp32 weights (:func:`checkpoint_weights`).
 
 Loaders are *not* passed through it: they shard themselves by rank (:mod:`pipeline.data.wds`).
 The order of wrapping is fixed here: process group → model on device → engine wrapper →
@@ -27,6 +28,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 DEEPSPEED = "deepspeed"
 MODEL_DIR = "pytorch_model"  # the folder accelerate's save_state gives DeepSpeed's checkpoint
+_EMPTY = torch.empty(0)
 
 
 def deepspeed_config(cfg: EngineCfg, micro_batch: int, clip_grad: float) -> dict[str, Any]:
@@ -149,7 +153,9 @@ class Engine:
         """Makes a checkpoint loadable by this engine; every rank calls it, before :meth:`prepare`.
 
         A DeepSpeed checkpoint written by a different number of processes is converted once (main
-        process) to DeepSpeed's universal format, which :meth:`prepare` then tells DeepSpeed to load.
+        process, with every core available to it) to DeepSpeed's universal format, which :meth:`prepare`
+        then tells DeepSpeed to load. The other processes wait for the conversion on the file system,
+        not inside a collective, so a long conversion cannot run into the process group's timeout.
 
         Args:
             path: The checkpoint directory (the same on every rank).
@@ -166,9 +172,21 @@ class Engine:
                               f"by {state['backend']!r}; resume with the same backend")
         if self._ds_config is None or state["world_size"] == self.acc.num_processes:
             return path
-        view = _universal_view(path) if self.acc.is_main_process else None
         self._load_universal = True
-        return Path(broadcast_object(str(view) if view else None))
+        token = broadcast_object(uuid.uuid4().hex)  # names this conversion's outcome file; quick collective
+        outcome = path.parent / ".universal" / f"{path.name}.{token}.json"
+        if not self.acc.is_main_process:
+            return _wait_for_conversion(outcome)
+        outcome.parent.mkdir(parents=True, exist_ok=True)
+        for old in outcome.parent.glob(f"{path.name}.*.json"):
+            old.unlink(missing_ok=True)
+        try:
+            view = _universal_view(path, _available_cores())
+        except Exception as err:
+            atomic_write_bytes(outcome, json.dumps({"error": str(err)[-2000:]}).encode())
+            raise
+        atomic_write_bytes(outcome, json.dumps({"view": str(view)}).encode())
+        return view
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         """Wraps model and optimizer with the engine (DeepSpeed builds its engine here).
@@ -192,6 +210,37 @@ class Engine:
         """Clips the global gradient norm at an accumulation boundary, unless the engine does it itself."""
         if self.clip_grad and not self.clips_gradients:
             self.acc.clip_grad_norm_(model.parameters(), self.clip_grad)
+
+    def gather_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The live model's whole fp32 weights, gathered by every rank for the main one; every rank calls it.
+
+        The same tensors :func:`checkpoint_weights` reads back from a checkpoint of this moment, without
+        the main rank reading every rank's shards from disk while the others wait: under ZeRO each
+        parameter's fp32 master copy is assembled from the ranks' partitions by a collective
+        (DeepSpeed's ``safe_get_full_fp32_param``), one parameter at a time, the same parameters in the
+        same order on every rank; where every rank holds whole weights (DDP, ZeRO-0 in fp32) the main
+        rank takes its own and the others return at once.
+
+        Args:
+            model: The prepared (wrapped) model.
+
+        Returns:
+            On the main process, every ``state_dict`` entry (parameters and persistent buffers) as fp32
+            CPU tensors with the model's own key names; None on the other processes.
+        """
+        module = self.acc.unwrap_model(model, keep_torch_compile=False)
+        main = self.acc.is_main_process
+        if self._ds_config is None and not main:
+            return None
+        weights: dict[str, torch.Tensor] = {}
+        gathered: dict[int, torch.Tensor] = {}  # tied parameters are gathered once (on every rank alike)
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if id(tensor) not in gathered:
+                full = _full_fp32(tensor) if self._ds_config is not None else tensor.detach()
+                # Only the main rank keeps values; the others keep an empty marker.
+                gathered[id(tensor)] = full.to("cpu", torch.float32).contiguous() if main else _EMPTY
+            weights[name] = gathered[id(tensor)]
+        return weights if main else None
 
 
 def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
@@ -222,6 +271,22 @@ def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
     return {k: v.float().contiguous() for k, v in weights.items()}
 
 
+def _full_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """A DeepSpeed model tensor's whole value: its fp32 master copy when ZeRO holds one (a collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad:
+        full = safe_get_full_fp32_param(tensor)  # every rank: an all-reduce (ZeRO-1/2) or all-gather (ZeRO-3)
+        if full is not None:
+            return full.detach()
+    if hasattr(tensor, "ds_id"):  # a ZeRO-3 parameter outside the optimizer (frozen): gather its 16-bit value
+        from deepspeed.zero import GatheredParameters
+
+        with GatheredParameters([tensor]):
+            return tensor.detach().clone()
+    return tensor.detach()  # whole on every rank: buffers, ZeRO-0 in fp32, frozen ZeRO-1/2 parameters
+
+
 def _prepare_cpu_deepspeed() -> None:
     """On CPU machines: no GPU probing warnings, no JIT compile of DeepSpeed's shared-memory comm op."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -237,7 +302,30 @@ def _ensure_process_env() -> None:
                       MASTER_PORT=str(free_port()))
 
 
-def _universal_view(step_dir: Path) -> Path:
+def _available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a Slurm allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _wait_for_conversion(outcome: Path, poll_s: float = 0.2) -> Path:
+    """Waits for the main process's universal conversion (:meth:`Engine.resume_from`) and returns its view.
+
+    Raises:
+        RuntimeError: When the conversion failed on the main process.
+    """
+    logger.info("waiting for the main process to convert the checkpoint to DeepSpeed's universal format")
+    while not outcome.is_file():
+        time.sleep(poll_s)
+    result = json.loads(outcome.read_text())
+    if "error" in result:
+        raise RuntimeError(f"the main process could not convert the checkpoint: {result['error']}")
+    return Path(result["view"])
+
+
+def _universal_view(step_dir: Path, workers: int = 1) -> Path:
     """A view of a DeepSpeed checkpoint that loads on any number of processes (DeepSpeed universal format).
 
     ZeRO partitions the optimizer state (and under ZeRO-3 the weights) by rank, and DeepSpeed refuses a
@@ -246,6 +334,11 @@ def _universal_view(step_dir: Path) -> Path:
     ``checkpoint.load_universal`` re-partitions for the new world size. The conversion is done once
     (``<step>/universal/``) and the view ``<checkpoints>/.universal/<step>/`` links every other file of
     the checkpoint (RNG states, EMA, trainer state) beside the converted model. Main process only.
+
+    Args:
+        step_dir: The checkpoint directory.
+        workers: Processes for each of the conversion's two phases (``--num_extract_workers``: one
+            per rank file, ``--num_merge_workers``: one per parameter).
 
     Returns:
         The view directory, to pass to ``Accelerator.load_state``.
@@ -256,7 +349,9 @@ def _universal_view(step_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                str(step_dir / MODEL_DIR), "--output_folder", str(tmp), "--inject_missing_state",
-               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+               "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+        logger.info("converting %s to DeepSpeed's universal format with %d worker processes per phase "
+                    "(the cores available to this process)", step_dir, workers)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"converting {step_dir} to DeepSpeed's universal format failed:\n{proc.stderr[-2000:]}")

@@ -91,7 +91,7 @@ def evaluate(net: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]], de
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices  # B×5
         hits = topk.eq(labels[:, None])
         sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), F.cross_entropy(logits, labels, reduction="sum"),
-                             torch.tensor(labels.numel(), device=device)]).double()
+                             labels.new_full((), labels.numel())]).double()
     net.train(was_training)
     correct1, correct5, loss_sum, count = all_reduce_sum(sums.tolist())
     n = max(count, 1.0)

@@ -1,7 +1,9 @@
 """Metrics through one small interface, created on the logging rank only.
 
 ``MetricLogger.log(metrics, step)`` and ``close()``; the console and MLflow are two backends in a
-container. Other ranks get :class:`NullLogger`, so the trainer never checks the rank itself.
+container. Other ranks get :class:`NullLogger`, so the trainer never checks the rank itself. MLflow
+records are delivered by a background thread (:class:`MlflowLogger`): logging costs the training step
+the time to queue a record, whatever the store or server does.
 """
 
 from __future__ import annotations
@@ -9,11 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from data_prep.format import atomic_write_bytes
+
 logger = logging.getLogger(__name__)
+
+MAX_METRICS_PER_BATCH = 1000
+"""MLflow's limit on the metrics of one ``log_batch`` request."""
 
 
 class MetricLogger(Protocol):
@@ -25,8 +33,11 @@ class MetricLogger(Protocol):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Stores a file with the run."""
 
-    def close(self, status: str = "FINISHED") -> None:
-        """Ends the run."""
+    def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
+        """Ends the run, delivering what is queued (waiting at most ``timeout_s``; None: no limit)."""
+
+    def save_pending(self) -> None:
+        """Saves what is not delivered yet, at once (before a forced exit)."""
 
 
 class NullLogger:
@@ -40,7 +51,10 @@ class NullLogger:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:  # noqa: D102
         pass
 
-    def close(self, status: str = "FINISHED") -> None:  # noqa: D102
+    def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:  # noqa: D102
+        pass
+
+    def save_pending(self) -> None:  # noqa: D102
         pass
 
 
@@ -71,9 +85,13 @@ class LoggerContainer(NullLogger):
         for lg in self.loggers:
             lg.log_artifact(path, artifact_path)
 
-    def close(self, status: str = "FINISHED") -> None:  # noqa: D102
+    def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:  # noqa: D102
         for lg in self.loggers:
-            lg.close(status)
+            lg.close(status, timeout_s)
+
+    def save_pending(self) -> None:  # noqa: D102
+        for lg in self.loggers:
+            lg.save_pending()
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -82,11 +100,18 @@ def default_tracking_uri(output_dir: str | Path) -> str:
 
 
 class MlflowLogger(NullLogger):
-    """One MLflow run; created on rank 0 only.
+    """One MLflow run; created on rank 0 only. Records are delivered by a background thread.
 
-    Tracking never stops training: when the store or server cannot be reached, metrics and artifacts
-    are queued with one warning per outage and sent, in order, once it answers again; whatever is
-    still queued at the end is written to ``pending_file`` and reported.
+    ``log`` and ``log_artifact`` only queue a record and return: the training step never waits for
+    the store. A sender thread delivers the queue in order (consecutive metric records merged into
+    batches of up to 1,000 metrics). Tracking never stops training: when the store or server cannot
+    be reached, the records stay queued, one warning is logged per outage, delivery is retried with a
+    back-off (1 s doubling to 30 s) and resumes, in order, once it answers again. :meth:`close` sends
+    what is queued (one last try even during an outage), and whatever is still undelivered is written
+    to ``pending_file`` and reported; :meth:`save_pending` writes it at once (a forced exit).
+
+    MLflow's own asynchronous logging (``log_batch(..., synchronous=False)``) is not used: it drops a
+    batch whose delivery fails instead of keeping it for later.
 
     Args:
         uri: Tracking URI.
@@ -98,6 +123,9 @@ class MlflowLogger(NullLogger):
         system_metrics_s: Sampling interval of MLflow's system-metrics monitor (CPU, memory, GPU); 0: off.
         pending_file: Where undeliverable records go at the end.
     """
+
+    retry_s = (1.0, 30.0)
+    """First and longest wait before delivery is tried again during an outage."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
                  run_id: str | None = None, system_metrics_s: float = 0.0, pending_file: Path | None = None):
@@ -119,6 +147,11 @@ class MlflowLogger(NullLogger):
             self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
             self.client.log_batch(self.run_id, params=_params(params))
         self.monitor = self._start_monitor(system_metrics_s, resumed=run_id == self.run_id)
+        # An RLock: save_pending may run in a signal handler on the main thread while it holds the lock.
+        self._cond = threading.Condition(threading.RLock())
+        self._closing = False
+        self._sender = threading.Thread(target=self._deliver, name="mlflow-sender", daemon=True)
+        self._sender.start()
         logger.info("MLflow run %s (experiment %r) at %s", self.run_id, experiment, uri)
 
     def _reopen(self, run_id: str) -> bool:
@@ -143,10 +176,28 @@ class MlflowLogger(NullLogger):
         monitor.start()
         return monitor
 
+    # ------------------------------------------------------------ the sender thread
+    def _deliver(self) -> None:
+        """The sender thread: delivers the queue; during an outage, retries after a growing wait."""
+        wait = self.retry_s[0]
+        while True:
+            with self._cond:
+                retry_at = time.monotonic() + wait if self.outage else 0.0
+                while not self._closing and (not self.pending or time.monotonic() < retry_at):
+                    self._cond.wait(None if not self.pending else max(retry_at - time.monotonic(), 0.0))
+                closing = self._closing
+            self._send()
+            wait = min(wait * 2, self.retry_s[1]) if self.outage else self.retry_s[0]
+            if closing:
+                return  # the last try is made: close() saves what is left
+
     def _send(self) -> None:
-        """Sends the queue in order; stops at the first failure and keeps the rest."""
-        while self.pending:
-            kind, args = self.pending[0]
+        """Sends the queue in order; stops at the first failure and keeps the rest (sender thread only)."""
+        while True:
+            with self._cond:
+                if not self.pending:
+                    return
+                count, (kind, args) = _next_request(self.pending)
             try:
                 if kind == "metrics":
                     self.client.log_batch(self.run_id, metrics=args[0])
@@ -157,39 +208,82 @@ class MlflowLogger(NullLogger):
                     logger.warning("MLflow unreachable (%s): queueing records until it answers", err)
                 self.outage = True
                 return
-            self.pending.pop(0)
+            with self._cond:
+                del self.pending[:count]
             if self.outage:
                 logger.warning("MLflow answers again: sending queued records")
                 self.outage = False
 
+    # ------------------------------------------------------------------ the interface
     def log(self, metrics: dict[str, float], step: int) -> None:  # noqa: D102
         from mlflow.entities import Metric
 
         ts = _now_ms()
-        self.pending.append(("metrics", ([Metric(k, float(v), ts, step) for k, v in metrics.items()],)))
-        self._send()
+        self._queue(("metrics", ([Metric(k, float(v), ts, step) for k, v in metrics.items()],)))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:  # noqa: D102
-        self.pending.append(("artifact", (str(path), artifact_path)))
-        self._send()
+        self._queue(("artifact", (str(path), artifact_path)))
 
-    def close(self, status: str = "FINISHED") -> None:  # noqa: D102
+    def _queue(self, record: tuple[str, tuple]) -> None:
+        with self._cond:
+            self.pending.append(record)
+            self._cond.notify()
+
+    def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
+        """Delivers what is queued, marks the run ``status`` and saves what could not be delivered.
+
+        Args:
+            status: The run's final status.
+            timeout_s: Longest wait for the delivery (a preempted job's deadline); None: until the
+                sender's last try ends (each request gives up after ``MLFLOW_HTTP_REQUEST_TIMEOUT``).
+        """
         if self.monitor is not None:
             self.monitor.finish()
-        self._send()
-        try:
-            self.client.set_terminated(self.run_id, status=status)
-        except Exception as err:  # noqa: BLE001
-            logger.warning("could not mark MLflow run %s %s: %s", self.run_id, status, err)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._sender.join(timeout_s)
+        if self._sender.is_alive():
+            logger.warning("MLflow delivery still running after %.0f s: saving the queue", timeout_s)
+        else:
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+            except Exception as err:  # noqa: BLE001
+                logger.warning("could not mark MLflow run %s %s: %s", self.run_id, status, err)
         if self.pending:
-            self._dump_pending()
+            self.save_pending()
 
-    def _dump_pending(self) -> None:
-        records = [{"kind": k, "args": [[(m.key, m.value, m.step) for m in a[0]]] if k == "metrics" else list(a)}
-                   for k, a in self.pending]
+    def save_pending(self) -> None:
+        """Writes the records not delivered yet to ``pending_file`` (any thread, signal handlers too)."""
+        locked = self._cond.acquire(timeout=2.0)
+        try:
+            records = [{"kind": k, "args": [[(m.key, m.value, m.step) for m in a[0]]] if k == "metrics" else list(a)}
+                       for k, a in list(self.pending)]
+        finally:
+            if locked:
+                self._cond.release()
+        if not records:
+            return
         if self.pending_file is not None:
-            self.pending_file.write_text(json.dumps({"run_id": self.run_id, "records": records}))
+            atomic_write_bytes(self.pending_file, json.dumps({"run_id": self.run_id, "records": records}).encode())
         logger.error("%d MLflow records could not be delivered; saved to %s", len(records), self.pending_file)
+
+
+def _next_request(pending: list[tuple[str, tuple]]) -> tuple[int, tuple[str, tuple]]:
+    """The next request from the head of the queue: an artifact, or consecutive metric records merged.
+
+    Returns:
+        ``(records it covers, (kind, args))``.
+    """
+    kind, args = pending[0]
+    if kind != "metrics":
+        return 1, (kind, args)
+    merged, count = list(args[0]), 1
+    while count < len(pending) and pending[count][0] == "metrics" \
+            and len(merged) + len(pending[count][1][0]) <= MAX_METRICS_PER_BATCH:
+        merged += pending[count][1][0]
+        count += 1
+    return count, ("metrics", (merged,))
 
 
 def _artifact_root(uri: str) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from timm.utils import ModelEmaV3
 
 from data_prep.format import atomic_write_bytes
@@ -29,10 +30,9 @@ from pipeline.build import build_model, num_classes_of
 from pipeline.config import ConfigError, JobCfg
 from pipeline.config_io import dump_toml, flatten
 from pipeline.data.loaders import build_loaders, input_shape
-from pipeline.dist import all_reduce_sum, broadcast_object
+from pipeline.dist import broadcast_object
 from pipeline.engine import Engine, weights_sharded
 from pipeline.evaluate import evaluate
-from pipeline.export import consolidate
 from pipeline.log import setup_logging
 from pipeline.metrics import ConsoleLogger, LoggerContainer, MlflowLogger, NullLogger, default_tracking_uri
 from pipeline.objective import build_objective
@@ -122,6 +122,7 @@ class Trainer:
             self.resume(*self.checkpoint)
         self.build_tracking()
         self.preemption = Preemption(cfg.checkpoint.preempt_timeout_s)
+        self.preemption.at_exit(self.metrics.save_pending)  # a forced exit keeps the queued metrics
 
     # ----------------------------------------------------------------- set-up
     def build_run_dir(self) -> None:
@@ -227,11 +228,16 @@ class Trainer:
         finally:
             self.preemption.restore()
             summary = self.summary(result, time.perf_counter() - start, status)
-            self.metrics.close({"PREEMPTED": "KILLED"}.get(status, status))
+            left = self.preemption.time_left()  # after a signal: deliver metrics before the watchdog fires
+            self.metrics.close({"PREEMPTED": "KILLED"}.get(status, status), None if left is None else left * 0.8)
         return summary
 
     def train_one_epoch(self) -> None:
-        """Runs one epoch (or up to ``total_steps``), logging every ``tracking.log_every_steps`` steps."""
+        """Runs one epoch (or up to ``total_steps``), logging every ``tracking.log_every_steps`` steps.
+
+        The loss stays on the device between log steps: a step reads nothing back to the host, so the
+        host can queue the next step's work while the device runs this one.
+        """
         self.model.train()
         self.train_loader.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)
         meter = _Meter()
@@ -261,11 +267,11 @@ class Trainer:
         if self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0:
             self.save_checkpoint()
 
-    def train_micro_step(self, batch: dict[str, torch.Tensor]) -> float:
+    def train_micro_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward, backward and (at accumulation boundaries) the optimizer and scheduler step.
 
         Returns:
-            The micro-batch loss.
+            The micro-batch loss: a scalar on the device, detached (not read back to the host).
         """
         inputs = batch["input"].to(self.device, self.input_dtype, memory_format=self.memory_format)  # B×3×H×W
         with self.acc.accumulate(self.model):
@@ -280,7 +286,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.acc.unwrap_model(self.model), step=self.step + 1)
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()
 
     def run_eval(self) -> dict[str, float]:
         """Evaluates the live (and EMA) weights on the validation split and logs ``val/*`` (``val_ema/*``)."""
@@ -316,6 +322,7 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         """Counters an exact resume needs besides what accelerate saves (weights, optimizer, RNGs, scheduler)."""
         return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batch_in_epoch,
+                "samples_in_epoch": self.train_loader.position(self.epoch, self.batch_in_epoch),
                 "world_size": self.world_size, "backend": self.engine.name,
                 "mlflow_run_id": self.mlflow_run_id}
 
@@ -335,12 +342,17 @@ class Trainer:
         """Restores a checkpoint: weights, optimizer, scheduler, EMA, this rank's RNG states and the counters."""
         self.acc.load_state(str(path))  # weights, optimizer, scheduler and this rank's RNG states
         self.step, self.epoch, self.mlflow_run_id = state["step"], state["epoch"], state["mlflow_run_id"]
-        self.batch_in_epoch = state["batches_in_epoch"]
+        # Samples of the epoch consumed by all ranks (older checkpoints: batches × their world × batch size);
+        # exact sampling continues the epoch from there on any number of processes, stream sampling restarts
+        # it when the number changed.
+        samples = state.get("samples_in_epoch",
+                            state["batches_in_epoch"] * state["world_size"] * self.cfg.data.batch_size)
+        self.batch_in_epoch = self.train_loader.resume_at(self.epoch, samples, state["world_size"],
+                                                          multiple=self.cfg.engine.grad_accum_steps)
         if state["world_size"] != self.world_size:
-            logger.warning("resuming %d processes from a checkpoint of %d: epoch %d restarts from its beginning; "
-                           "ranks without a saved RNG state start from fresh seeds", self.world_size,
-                           state["world_size"], self.epoch)
-            self.batch_in_epoch = 0
+            logger.warning("resuming %d processes from a checkpoint of %d: epoch %d continues at batch %d after "
+                           "%d samples; ranks without a saved RNG state start from fresh seeds", self.world_size,
+                           state["world_size"], self.epoch, self.batch_in_epoch, samples)
         logger.info("resumed from %s: step %d, epoch %d, batch %d", path, self.step, self.epoch, self.batch_in_epoch)
 
     def save_checkpoint(self) -> Path:
@@ -349,13 +361,18 @@ class Trainer:
                                     self.cfg.checkpoint.keep_last)
 
     def save_final(self) -> None:
-        """Saves the last checkpoint, exports its fp32 weights and logs the export to MLflow."""
-        last = self.save_checkpoint()
-        if self.acc.is_main_process:
-            path = ckpt.export_weights(consolidate(last), self.run_dir / "final" / "model.safetensors")
+        """Saves the last checkpoint, exports the fp32 weights and logs the export to MLflow.
+
+        Every rank helps gather the weights (:meth:`pipeline.engine.Engine.gather_weights`: the same
+        tensors ``vitpipe export`` reads from the checkpoint); the main rank writes them while the
+        others go on, so that no rank waits in a collective while one reads every shard from disk.
+        """
+        self.save_checkpoint()
+        weights = self.engine.gather_weights(self.model)
+        if weights is not None:
+            path = ckpt.export_weights(weights, self.run_dir / "final" / "model.safetensors")
             self.metrics.log_artifact(path, "checkpoint")
             self.metrics.log_artifact(self.run_dir / "config.toml")
-        self.acc.wait_for_everyone()
 
     def summary(self, result: dict[str, float], seconds: float, status: str) -> dict[str, Any]:
         """Writes ``summary.json`` (main rank), logs the log file to MLflow and returns the summary."""
@@ -372,24 +389,30 @@ class Trainer:
 
 
 class _Meter:
-    """Running loss and throughput between two metric log lines."""
+    """Running loss and throughput between two metric log lines; the loss sum stays on the device."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.loss, self.batches, self.samples, self.wait, self.t0 = 0.0, 0, 0, 0.0, time.perf_counter()
+        self.loss: torch.Tensor | None = None
+        self.batches, self.samples, self.wait, self.t0 = 0, 0, 0.0, time.perf_counter()
 
-    def add(self, loss: float, samples: int) -> None:
-        self.loss, self.batches, self.samples = self.loss + loss, self.batches + 1, self.samples + samples
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        """Adds a micro-batch's loss (a device scalar) without reading it: float64, like a Python sum."""
+        loss = loss.to(torch.float64)
+        self.loss = loss if self.loss is None else self.loss + loss
+        self.batches, self.samples = self.batches + 1, self.samples + samples
 
     def flush(self, lr: float, world_size: int, flops_per_sample: float, peak_tflops: float) -> dict[str, float]:
         """Returns loss (mean over ranks), lr, global img/s, data-wait fraction and MFU, then resets.
 
-        MFU counts 3 × forward FLOPs per trained image (forward + backward), over ``peak_tflops`` per process.
+        The one host read of the step loop: the loss sum and batch count, reduced over ranks on the
+        device, then read. MFU counts 3 × forward FLOPs per trained image (forward + backward), over
+        ``peak_tflops`` per process.
         """
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        loss_sum, batches = all_reduce_sum([self.loss, float(self.batches)])
+        loss_sum, batches = _sum_over_ranks(self.loss, self.batches)
         img_per_s = self.samples * world_size / elapsed
         out = {"train/loss": loss_sum / max(batches, 1.0), "train/lr": lr, "train/img_per_s": img_per_s,
                "train/data_wait": self.wait / elapsed,
@@ -398,6 +421,17 @@ class _Meter:
             out["train/mfu"] = out["train/tflops_per_proc"] / peak_tflops
         self.reset()
         return out
+
+
+def _sum_over_ranks(loss_sum: torch.Tensor | None, batches: int) -> tuple[float, float]:
+    """Sums a device loss and a batch count over all ranks with one all-reduce and one host read."""
+    if loss_sum is None:  # no batch since the last flush
+        loss_sum = torch.zeros((), dtype=torch.float64)
+    both = torch.stack([loss_sum, torch.full_like(loss_sum, batches)])  # [loss sum, batches], on the device
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(both, op=dist.ReduceOp.SUM)
+    total, count = both.tolist()
+    return total, count
 
 
 def _git_sha() -> str:

@@ -12,6 +12,7 @@ import sys
 
 from vitpipe import commands
 from vitpipe.errors import user_error_types
+from vitpipe.order import add_order_parser
 from vitpipe.prep import add_prep_parser
 from vitpipe.viz import add_viz_parser
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_export_parser(sub, _formatter)
     commands.add_config_parser(sub, _formatter, _OVERRIDES_HELP)
     commands.add_models_parser(sub, _formatter)
+    add_order_parser(sub, _formatter)
     add_viz_parser(sub, _formatter)
     commands.add_ui_parser(sub, _formatter)
     commands.add_submit_parser(sub, _formatter, _OVERRIDES_HELP)

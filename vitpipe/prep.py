@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -74,8 +75,10 @@ example:
 scale:
   --workers N processes write shards in parallel. A Slurm array splits the shards
   across machines: run the same command with --task-index I --num-tasks N in every
-  task (slurm/prep_array.sbatch), then `vitpipe prep merge OUT`. Re-running after a
-  kill keeps finished shards and rewrites the rest.
+  task (slurm/prep_array.sbatch), then `vitpipe prep merge OUT`. The input is scanned
+  once: --slurm plans at submission, else --plan-only or the first task writes
+  OUT/_parts/plan.{json,parquet} and every task reads only its own shards from it.
+  Re-running after a kill keeps finished shards and rewrites the rest.
   Rule of thumb: shards >= nodes x GPUs x loader workers (--nodes/--gpus-per-node/
   --loader-workers warn when not); ImageNet-1k train (1,281,167 images) with
   --shard-size 1000 gives 1,282 shards of about 110 MB.
@@ -157,6 +160,8 @@ def _add_common(o: _Options, shard_size: int) -> None:
     o.add(p, "--task-index", task=False, type=int, default=0, metavar="I", help="this array task (default: 0)")
     o.add(p, "--num-tasks", task=False, type=_positive_int, default=1, metavar="N",
           help="array tasks sharing the work; >1 leaves the merge to `prep merge` (default: 1)")
+    o.add(p, "--plan-only", task=False, action="store_true",
+          help="scan and write OUT/_parts/plan.{json,parquet} for array tasks, then stop")
     o.add(p, "--max-failure-rate", type=_fraction, default=0.01, metavar="F",
           help="fail when more than this fraction of inputs is quarantined (default: %(default)s)")
     s = p.add_argument_group("Slurm (--slurm: submit a job array and a dependent merge job instead of running here)")
@@ -300,11 +305,36 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
                              "loader_workers": args.loader_workers}}
 
 
-def _run(args: argparse.Namespace, plan: Any, opts: Any) -> int:
-    from data_prep.shard import merge, run_plan
+def _request(args: argparse.Namespace) -> list[str]:
+    """The command a plan is made for: the array tasks' command without ``--out`` and ``--threads``."""
+    argv, request = _task_argv(args), []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in ("--out", "--threads"):
+            skip = True
+        else:
+            request.append(token)
+    return request
 
-    results = run_plan(plan, args.out, opts, workers=args.workers, threads=args.threads,
-                       task_index=args.task_index, num_tasks=args.num_tasks, settings=_settings(args))
+
+def _run(args: argparse.Namespace, build: Callable[[], Any], opts: Any) -> int:
+    """Plan (once per output directory for array tasks) and write this task's shards; one task also merges."""
+    from data_prep.planfile import ensure_plan, write_plan
+    from data_prep.shard import merge, run_plan, run_planned
+
+    if args.plan_only:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_plan(build(), args.out, _settings(args), _request(args))
+        return 0
+    if args.num_tasks == 1:  # the whole run here: scan again, whatever an earlier run planned
+        results = run_plan(build(), args.out, opts, workers=args.workers, threads=args.threads,
+                           settings=_settings(args), request=_request(args))
+    else:
+        ensure_plan(args.out, _request(args), build, _settings(args))
+        results = run_planned(args.out, opts, workers=args.workers, threads=args.threads,
+                              task_index=args.task_index, num_tasks=args.num_tasks)
     written = sum(r.num_samples for r in results)
     quarantined = sum(len(r.quarantined) for r in results)
     logger.info("task %d/%d: %d shards (%d kept from an earlier run), %d written, %d quarantined",
@@ -348,32 +378,36 @@ def _task_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _submit(args: argparse.Namespace) -> int:
-    """``--slurm``: submit the array and the merge job (vitpipe.slurm_jobs) instead of preparing here."""
+def _submit(args: argparse.Namespace, build: Callable[[], Any]) -> int:
+    """``--slurm``: plan here (once; the tasks read their slices), then submit the array and the merge job."""
     from vitpipe.slurm_jobs import submit_prep
 
-    return submit_prep(args, _task_argv(args))
+    num_shards = None
+    if not args.dry_run:
+        from data_prep.planfile import write_plan
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        record = write_plan(build(), args.out, _settings(args), _request(args))
+        num_shards = sum(len(sp["shards"]) for sp in record["splits"].values())
+    return submit_prep(args, _task_argv(args), num_shards=num_shards)
 
 
-def run_prep_imagenet(args: argparse.Namespace) -> int:
-    """Run ``prep imagenet`` with parsed arguments (returns 0; raises PrepError on unusable input)."""
-    if args.slurm:
-        return _submit(args)
+def _image_plan(args: argparse.Namespace) -> tuple[Callable[[], Any], Any]:
     from data_prep.imagenet import build_image_plan
     from data_prep.images import ImageOptions
 
     opts = ImageOptions(resize=getattr(args, "resize", None), quality=getattr(args, "quality", 90),
                         decode_check=not getattr(args, "header_only", False),
                         max_pixels=getattr(args, "max_pixels", 89_478_485))
-    plan = build_image_plan(args.src, splits=args.splits, shard_size=args.shard_size, seed=args.seed, opts=opts,
-                            val_solution=args.val_solution, devkit=args.devkit, synsets=args.synsets)
-    return _run(args, plan, opts)
+
+    def build() -> Any:
+        return build_image_plan(args.src, splits=args.splits, shard_size=args.shard_size, seed=args.seed, opts=opts,
+                                val_solution=args.val_solution, devkit=args.devkit, synsets=args.synsets)
+
+    return build, opts
 
 
-def run_prep_video(args: argparse.Namespace) -> int:
-    """Run ``prep kinetics|ssv2|diving48|videolist`` with parsed arguments."""
-    if args.slurm:
-        return _submit(args)
+def _video_plan(args: argparse.Namespace) -> tuple[Callable[[], Any], Any]:
     from data_prep import video_sources as vs
     from data_prep.video import VideoOptions
 
@@ -381,17 +415,31 @@ def run_prep_video(args: argparse.Namespace) -> int:
                         crf=args.crf, quality=args.quality, max_seconds=args.max_seconds)
     options = {k: getattr(opts, k) for k in ("codec", "fps", "short_side", "keyint", "crf", "quality", "max_seconds")}
     common = {"shard_size": args.shard_size, "seed": args.seed, "options": options}
-    if args.prep_source == "kinetics":
-        plan = vs.scan_kinetics(args.annotations, args.videos, full_videos=args.full_videos, **common)
-    elif args.prep_source == "ssv2":
-        files = {"train": args.train, **({"val": args.validation} if args.validation else {})}
-        plan = vs.scan_ssv2(args.labels, files, args.videos, **common)
-    elif args.prep_source == "diving48":
-        files = {"train": args.train, **({"val": args.val} if args.val else {})}
-        plan = vs.scan_diving48(files, args.videos, vocab=args.vocab, **common)
-    else:
-        plan = vs.scan_videolist(dict(args.list), args.root, class_file=args.classes, **common)
-    return _run(args, plan, opts)
+
+    def build() -> Any:
+        if args.prep_source == "kinetics":
+            return vs.scan_kinetics(args.annotations, args.videos, full_videos=args.full_videos, **common)
+        if args.prep_source == "ssv2":
+            files = {"train": args.train, **({"val": args.validation} if args.validation else {})}
+            return vs.scan_ssv2(args.labels, files, args.videos, **common)
+        if args.prep_source == "diving48":
+            files = {"train": args.train, **({"val": args.val} if args.val else {})}
+            return vs.scan_diving48(files, args.videos, vocab=args.vocab, **common)
+        return vs.scan_videolist(dict(args.list), args.root, class_file=args.classes, **common)
+
+    return build, opts
+
+
+def run_prep_imagenet(args: argparse.Namespace) -> int:
+    """Run ``prep imagenet`` with parsed arguments (returns 0; raises PrepError on unusable input)."""
+    build, opts = _image_plan(args)
+    return _submit(args, build) if args.slurm else _run(args, build, opts)
+
+
+def run_prep_video(args: argparse.Namespace) -> int:
+    """Run ``prep kinetics|ssv2|diving48|videolist`` with parsed arguments."""
+    build, opts = _video_plan(args)
+    return _submit(args, build) if args.slurm else _run(args, build, opts)
 
 
 def run_merge(args: argparse.Namespace) -> int:

@@ -220,17 +220,23 @@ def run_submit_command(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ data prep
-def submit_prep(args: argparse.Namespace, task_args: list[str]) -> int:
+def submit_prep(args: argparse.Namespace, task_args: list[str], num_shards: int | None = None) -> int:
     """Renders and submits a prep job array (``task_args`` in every task) and its dependent merge job.
+
+    The caller has written the plan (``OUT/_parts/plan.json``): the tasks read their slices of it.
 
     Args:
         args: The parsed ``vitpipe prep SOURCE ... --slurm`` arguments.
         task_args: The prep command for the tasks (``imagenet --src ... --out ...``), without the task
             index, task count, workers and Slurm options (the array template adds the first three).
+        num_shards: Shards in the plan, when known: the array gets no more tasks than that.
     """
     cfg = cluster_from_args(args)
     p, out = cfg.prep, Path(args.out).resolve()
     tasks = args.slurm_tasks or p.tasks
+    if num_shards is not None and 0 < num_shards < tasks:
+        logger.info("%d array tasks for %d shards: submitting %d", tasks, num_shards, num_shards)
+        tasks = num_shards
     throttle = p.throttle if args.slurm_throttle is None else args.slurm_throttle
     folder = out / "slurm"
     array_script, merge_script = folder / "prep_array.sbatch", folder / "prep_merge.sbatch"

@@ -1,19 +1,24 @@
 """The ``dali`` backend: NVIDIA DALI decodes and augments images on the GPU (or DALI's CPU backend).
 
-How samples reach DALI: the DALI index files written by ``vitpipe prep`` (one ``.idx`` per tar,
-``ext offset size`` for every component) give each JPEG's byte range, so an epoch's order is planned
-in Python and the bytes are read with ``pread`` and fed through ``fn.external_source``. DALI's own
-webdataset reader shuffles through a fixed buffer, splits ranks by sample count and cannot skip to a
-batch; planning the order here gives the same contract as the ``wds`` backend:
+How samples reach DALI: the split manifest gives every sample's byte range (one columnar read,
+:class:`~pipeline.data.reader.SampleIndex`); the bytes are read with ``pread`` through at most
+``data.max_open_files`` open files and fed through ``fn.external_source`` in the order Python planned.
+DALI's own webdataset reader shuffles through a fixed buffer, splits ranks by sample count and cannot skip
+to a batch; planning the order here gives the contract of the ``wds`` backend:
 
-* epoch ``e``: the shard permutation of ``(seed, e)`` (shared with ``wds``), rank ``r`` of ``R`` takes
-  shards ``r::R``, and its samples are permuted with ``(seed, e, r)`` — disjoint ranks that together
-  cover the epoch;
-* every rank yields ``samples // (R × B)`` batches (a rank whose shards are short borrows from its
-  shards of the next epoch's permutation);
-* resume after ``k`` batches starts the plan at batch ``k``: no sample is repeated or lost. The
-  random augmentation draws of the rest of that epoch differ from an uninterrupted run (DALI's
-  generators are seeded per epoch and resume position, not fast-forwarded).
+* ``exact`` sampling (default): the :class:`~pipeline.data.order.SamplePlan` both backends and ``vitpipe
+  order`` share — every sample once per epoch across ranks (but a remainder smaller than one global
+  batch), resumable mid-epoch on any number of processes;
+* ``stream`` sampling: epoch ``e``'s shard permutation of ``(seed, e)`` (shared with ``wds``), rank ``r``
+  of ``R`` takes shards ``r::R``, its samples permuted with ``(seed, e, r)``; a rank whose shards are short
+  borrows from its shards of the next epoch's permutation (:func:`epoch_plan`);
+* every rank yields ``samples // (R × B)`` batches; resume after ``k`` batches starts the plan at batch
+  ``k``: no sample is repeated or lost. The random augmentation draws of the rest of that epoch differ
+  from an uninterrupted run (DALI's generators are seeded per pipeline, not fast-forwarded).
+
+One training pipeline and one evaluation pipeline are built per run: the training feed runs on from one
+epoch into the next (a pipeline is rebuilt only when the trainer asks for a position other than the next
+one, i.e. on a resume), the evaluation feed cycles through the rank's evaluation batches.
 
 The graph (training): ``decoders.image_random_crop`` (nvJPEG + hardware decoder on ``mixed``; the
 random-resized crop is decoded as a region of interest) → bicubic ``resize`` → RandAugment (DALI's
@@ -25,23 +30,26 @@ random-resized crop is decoded as a region of interest) → bicubic ``resize`` �
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import warnings
+from collections import deque
 from collections.abc import Iterator
-from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
 
 from data_prep.format import load_dataset_info
 from pipeline.config import DataCfg
-from pipeline.data.dali_base import SampleReader, ShardIndex, parse_randaugment
+from pipeline.data.dali_base import parse_randaugment
+from pipeline.data.order import PlanError, PlannedBatch, SamplePlan, ranges
+from pipeline.data.reader import SampleIndex, ShardFiles, read_media
 from pipeline.data.shards import (
     LoaderError,
     Shard,
     check_shards,
     epoch_shard_order,
-    read_split,
     seed_of,
     steps_per_epoch,
 )
@@ -169,35 +177,90 @@ def _check_video_codec(codec: str, device: str) -> None:
                           "(vitpipe prep ... --codec vp9)")
 
 
-class _Feed:
-    """The external source: yields the planned batches, then stops the epoch."""
+class StreamPlan:
+    """``stream`` sampling's plan for one rank (:func:`epoch_plan`), as :class:`PlannedBatch` es across epochs.
 
-    def __init__(self, reader: SampleReader, plan: np.ndarray, batch_size: int) -> None:
-        self.reader, self.plan, self.batch_size = reader, plan, batch_size
-        self.next = 0
+    A batch's ``first`` numbers its samples rank-major within the epoch (``rank × steps × B + k``), so
+    every sample of an epoch has its own position (it seeds video frame sampling).
+    """
+
+    def __init__(self, index: SampleIndex, split: str, *, seed: int, rank: int, world_size: int,
+                 batch_size: int) -> None:
+        self.index, self.seed, self.rank, self.world_size, self.batch_size = index, seed, rank, world_size, batch_size
+        self.shards = [Shard(p, int(n)) for p, n in zip(index.paths, index.sizes, strict=True)]
+        self.steps_per_epoch = steps_per_epoch(self.shards, split, world_size, batch_size)
+        self._epoch: tuple[int, int, np.ndarray] | None = None  # (epoch, steps, ids)
+
+    def _ids(self, epoch: int) -> np.ndarray:
+        if self._epoch is None or self._epoch[:2] != (epoch, self.steps_per_epoch):
+            refs = epoch_plan(self.shards, [s.num_samples for s in self.shards], seed=self.seed, epoch=epoch,
+                              rank=self.rank, world_size=self.world_size,
+                              count=self.steps_per_epoch * self.batch_size)
+            self._epoch = (epoch, self.steps_per_epoch, self.index.starts[refs[:, 0]] + refs[:, 1])
+        return self._epoch[2]
+
+    def batches(self, epoch: int, step: int = 0) -> Iterator[PlannedBatch]:
+        """This rank's batches from ``step`` of ``epoch`` on, continuing into the next epochs (endless)."""
+        b = self.batch_size
+        while True:
+            for j in range(step, self.steps_per_epoch):
+                first = (self.rank * self.steps_per_epoch + j) * b
+                yield PlannedBatch(epoch, j, first, self._ids(epoch)[j * b:(j + 1) * b])
+            epoch, step = epoch + 1, 0
+
+
+class _ImageFeed:
+    """The external source of image graphs: the planned batches' encoded images and labels, in order.
+
+    ``pending`` holds ``(epoch, step, keys)`` of each batch handed to DALI, oldest first; the key of a
+    sample comes from the tar header in front of its bytes.
+    """
+
+    def __init__(self, index: SampleIndex, files: ShardFiles, batches: Iterator[PlannedBatch]) -> None:
+        self.index, self.files, self.batches = index, files, batches
+        self.pending: deque[tuple[int, int, list[str]]] = deque()
 
     def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        start = self.next * self.batch_size
-        if start >= len(self.plan):
-            raise StopIteration
-        self.next += 1
-        return self.reader.read(self.plan[start:start + self.batch_size])
+        batch = next(self.batches)  # StopIteration ends a finite plan
+        images, keys = read_media(self.index, self.files, batch.ids)
+        labels = [np.array([v], np.int64) for v in self.index.label[batch.ids].tolist()]
+        self.pending.append((batch.epoch, batch.step, keys))
+        return images, labels
 
 
 class DaliLoader:
-    """One rank's DALI batches ``{"input": B×3×S×S uint8, "label": B int64}`` (on the GPU for ``gpu``)."""
+    """One rank's DALI batches ``{"input": B×3×S×S uint8, "label": B int64}`` (on the GPU for ``gpu``).
+
+    Training follows the trainer's contract (:meth:`set_epoch`, then the epoch's batches) with one pipeline
+    for the whole run; evaluation yields the rank's share of the split (whole shards ``r::R``) each time it
+    is iterated, from one pipeline too.
+    """
 
     def __init__(self, cfg: DataCfg, split: str, *, batch_size: int, rank: int, world_size: int, seed: int,
-                 train: bool) -> None:
-        self.cfg, self.split, self.batch_size, self.train = cfg, split, batch_size, train
+                 train: bool, keys: bool = False) -> None:
+        self.cfg, self.split, self.batch_size, self.train, self.keys = cfg, split, batch_size, train, keys
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shards, _ = read_split(cfg.path, split)
-        if train:
-            check_shards(self.shards, split, world_size, 1, cfg.resample_shards)
-            self.steps_per_epoch = steps_per_epoch(self.shards, split, world_size, batch_size)
+        self.index = SampleIndex.load(cfg.path, split)  # one columnar read of the manifest
+        self.files = ShardFiles(self.index.paths, cfg.max_open_files)
+        self.plan: SamplePlan | StreamPlan | None = None
+        if train and cfg.sampler == "exact":
+            try:
+                self.plan = SamplePlan(self.index.sizes, seed=seed, rank=rank, world_size=world_size,
+                                       batch_size=batch_size, block_shards=cfg.shuffle_shards)
+            except PlanError as err:
+                raise LoaderError(f"{split} has {self.index.num_samples} samples, fewer than one global batch of "
+                                  f"{world_size} × {batch_size}: lower data.batch_size") from err
+        elif train:
+            check_shards([Shard(p, 0) for p in self.index.paths], split, world_size, 1, cfg.resample_shards)
+            self.plan = StreamPlan(self.index, split, seed=seed, rank=rank, world_size=world_size,
+                                   batch_size=batch_size)
         self.device = resolve_device(cfg)
         self.device_id = torch.cuda.current_device() if self.device == "gpu" else None
         self.epoch, self.skip = 0, 0
+        self.builds = 0
+        """Pipelines built so far (1 per run for training without a resume)."""
+        self._live: Any = None  # (iterator, pipeline, feed)
+        self._next: tuple[int, int] | None = None
         self.video_spec = None
         info = load_dataset_info(cfg.path)
         if info.kind == "video":
@@ -206,64 +269,118 @@ class DaliLoader:
             self.video_spec = video_spec_of(cfg)
             _check_video_codec(info.options.get("codec", ""), self.device)
 
-    @cached_property
-    def reader(self) -> SampleReader:
-        """Byte ranges of every shard of the split (read once)."""
-        if self.video_spec is not None:
-            from pipeline.data.dali_video import VideoShardIndex
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training batches per epoch, the same on every rank."""
+        assert self.plan is not None, "an evaluation loader has no epochs"
+        return self.plan.steps_per_epoch
 
-            return SampleReader([VideoShardIndex.load(s) for s in self.shards])
-        return SampleReader([ShardIndex.load(s) for s in self.shards])
+    @steps_per_epoch.setter
+    def steps_per_epoch(self, value: int) -> None:
+        assert self.plan is not None, "an evaluation loader has no epochs"
+        if value != self.plan.steps_per_epoch:
+            self._close()  # planned batches of the old length may be in flight
+        self.plan.steps_per_epoch = value
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Selects the epoch for the next iteration, resuming after ``skip_batches`` consumed batches."""
         self.epoch, self.skip = epoch, skip_batches
 
+    def position(self, epoch: int, batches: int) -> int:
+        """Samples of ``epoch`` consumed by all ranks before batch ``batches`` (what a checkpoint records)."""
+        if isinstance(self.plan, SamplePlan):
+            return self.plan.cursor(epoch, batches)
+        return batches * self.world_size * self.batch_size
+
+    def resume_at(self, epoch: int, samples: int, world_size: int, multiple: int = 1) -> int:
+        """The batch to resume ``epoch`` at after ``samples`` consumed on ``world_size`` ranks.
+
+        Exact sampling continues the epoch on any number of ranks; stream sampling on the same number only
+        (otherwise the epoch restarts).
+        """
+        if isinstance(self.plan, SamplePlan):
+            return self.plan.resume_at(epoch, samples, multiple)
+        if world_size != self.world_size:
+            logger.warning("stream sampling: %d ranks resume a checkpoint of %d: epoch %d restarts from its "
+                           "beginning (data.sampler = 'exact' continues it)", self.world_size, world_size, epoch)
+            return 0
+        return samples // (self.world_size * self.batch_size)
+
     def __len__(self) -> int:
-        return self.steps_per_epoch if self.train else -(-self._eval_plan().shape[0] // self.batch_size)
+        return self.steps_per_epoch if self.train else len(self._eval_batches())
 
-    def _eval_plan(self) -> np.ndarray:
-        mine = range(self.rank, len(self.shards), self.world_size)
-        parts = [np.stack([np.full(self.shards[i].num_samples, i), np.arange(self.shards[i].num_samples)], 1)
-                 for i in mine]
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), np.int64)
+    def _eval_batches(self) -> list[PlannedBatch]:
+        """This rank's evaluation batches: whole shards ``rank::world_size`` in file order (last batch partial)."""
+        mine = np.arange(self.rank, len(self.index.paths), self.world_size)
+        ids = ranges(self.index.starts[mine], self.index.sizes[mine])
+        b = self.batch_size
+        return [PlannedBatch(0, j, j * b, ids[j * b:(j + 1) * b]) for j in range(-(-len(ids) // b))]
 
-    def _plan(self) -> np.ndarray:
-        if not self.train:
-            return self._eval_plan()
-        sizes = [s.num_samples for s in self.shards]
-        plan = epoch_plan(self.shards, sizes, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                          world_size=self.world_size, count=self.steps_per_epoch * self.batch_size)
-        return plan[self.skip * self.batch_size:]
-
-    def _pipeline(self, plan: np.ndarray, seed: int) -> object:
-        if self.video_spec is None:
-            return build_pipeline(self.cfg, _Feed(self.reader, plan, self.batch_size), train=self.train,
-                                  device=self.device, batch_size=self.batch_size, seed=seed,
-                                  device_id=self.device_id)
-        from pipeline.data.dali_video import VideoFeed, build_video_pipeline
-
-        feed = VideoFeed(self.reader, plan, self.batch_size, self.video_spec, train=self.train,
-                         seed=(self.seed, self.epoch, self.rank), first=self.skip * self.batch_size)
-        with _dali_deprecations_to_debug():
-            return build_video_pipeline(self.video_spec, feed, train=self.train, device=self.device,
-                                        batch_size=self.batch_size, threads=self.cfg.dali_threads, seed=seed,
-                                        device_id=self.device_id, randaugment=self.cfg.randaugment,
-                                        color_jitter=self.cfg.color_jitter,
-                                        fill=int(round(255 * self.cfg.mean[0])))
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _build(self, batches: Iterator[PlannedBatch], seed: int) -> None:
+        """Builds the pipeline (and its iterator) fed by ``batches``."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        plan = self._plan()
-        if not len(plan):
+        self._close()
+        if self.video_spec is None:
+            feed: Any = _ImageFeed(self.index, self.files, batches)
+            pipe = build_pipeline(self.cfg, feed, train=self.train, device=self.device, batch_size=self.batch_size,
+                                  seed=seed, device_id=self.device_id)
+        else:
+            from pipeline.data.dali_video import VideoFeed, build_video_pipeline
+
+            feed = VideoFeed(self.index, self.files, batches, self.video_spec, train=self.train, seed=self.seed)
+            with _dali_deprecations_to_debug():
+                pipe = build_video_pipeline(self.video_spec, feed, train=self.train, device=self.device,
+                                            batch_size=self.batch_size, threads=self.cfg.dali_threads, seed=seed,
+                                            device_id=self.device_id, randaugment=self.cfg.randaugment,
+                                            color_jitter=self.cfg.color_jitter,
+                                            fill=int(round(255 * self.cfg.mean[0])))
+        # No reader and a feed that does not end: the iterator runs on as long as it is asked.
+        iterator = DALIGenericIterator([pipe], ["input", "label"], auto_reset=False,
+                                       last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
+        self._live = (iterator, pipe, feed)
+        self.builds += 1
+        logger.info("dali: %s pipeline built (%s, %d so far)", "training" if self.train else "evaluation",
+                    f"epoch {self.epoch} batch {self.skip}" if self.train else f"{self.split} split", self.builds)
+
+    def _close(self) -> None:
+        if self._live is not None:
+            iterator, pipe, _ = self._live
+            self._live = self._next = None
+            del iterator, pipe
+
+    def _batch(self, expect: tuple[int, int]) -> dict[str, Any]:
+        """The live pipeline's next batch, checked against the plan position ``(epoch, step)``."""
+        iterator, _, feed = self._live
+        out = next(iterator)[0]
+        epoch, step, keys = feed.pending.popleft()
+        if (epoch, step) != expect:  # the feed and this loop disagree: a bug
+            raise RuntimeError(f"dali loader out of step: got batch {step} of epoch {epoch}, expected {expect}")
+        batch = {"input": out["input"], "label": out["label"].view(-1).long()}
+        return {**batch, "key": keys} if self.keys else batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if not self.train:
+            yield from self._eval_iter()
             return
-        seed = seed_of(self.seed, self.epoch, self.rank, self.skip) & 0x7FFFFFFF if self.train else 0
-        pipe = self._pipeline(plan, seed)
-        batches = DALIGenericIterator([pipe], ["input", "label"], auto_reset=False,
-                                      last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
-        try:
-            for out in batches:
-                yield {"input": out[0]["input"], "label": out[0]["label"].view(-1).long()}
-        finally:
-            del batches, pipe
+        assert self.plan is not None
+        if self._live is None or self._next != (self.epoch, self.skip):
+            seed = seed_of(self.seed, self.epoch, self.rank, self.skip) & 0x7FFFFFFF
+            self._build(self.plan.batches(self.epoch, self.skip), seed)
+            self._next = (self.epoch, self.skip)
+        for step in range(self.skip, self.steps_per_epoch):
+            batch = self._batch((self.epoch, step))
+            self._next = (self.epoch, step + 1) if step + 1 < self.steps_per_epoch else (self.epoch + 1, 0)
+            yield batch
+
+    def _eval_iter(self) -> Iterator[dict[str, Any]]:
+        batches = self._eval_batches()
+        if not batches:
+            return
+        if self._live is None or self._next != (0, 0):  # first use, or the last evaluation stopped early
+            self._build(itertools.cycle(batches), seed=0)
+            self._next = (0, 0)
+        for j in range(len(batches)):
+            batch = self._batch((0, j))
+            self._next = (0, (j + 1) % len(batches))
+            yield batch

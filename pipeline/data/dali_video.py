@@ -2,8 +2,9 @@
 
 Shares :mod:`pipeline.data.dali`'s plan (order, rank split, resume) and :mod:`pipeline.data.video`'s frame
 samplers, so a clip's frame indices are the same whichever backend reads it. Per sample, Python reads
-the encoded ``mp4``/``webm`` bytes and the ``json`` frame count through the index, draws the indices,
-and feeds both to ``fn.decoders.video(frames=...)``:
+the sample's tar members with one ``pread`` of its byte range (:func:`~pipeline.data.reader.read_sample`),
+takes the encoded ``mp4``/``webm`` bytes and the ``json`` frame count, draws the indices from
+``(seed, epoch, position in the epoch)``, and feeds both to ``fn.decoders.video(frames=...)``:
 
 * training: one random-resized crop (``data.crop_scale``/``crop_ratio``, the same for every frame) to
   ``S×S``, RandAugment or colour twist with one draw per clip, one flip decision per clip (none when
@@ -15,104 +16,91 @@ and feeds both to ``fn.decoders.video(frames=...)``:
 Codecs: on the GPU (``mixed``) H.264, HEVC, VP8/VP9, AV1; DALI's CPU backend decodes VP8/VP9/MJPEG
 only, so H.264 shards on a machine without a GPU need ``data.backend = 'wds'`` (PyAV). JPEG frame
 sequences: only the sampled ``fNNNN.jpg`` are read, one external-source output per clip position,
-decoded by ``decoders.image`` (nvJPEG on the GPU) and stacked into the clip.
+decoded by ``decoders.image`` (nvJPEG on the GPU) and stacked into the clip (the whole sample is read,
+one ``pread``, and the sampled frames are cut out of it).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from data_prep.format import META, VIDEO_EXTS, is_frame_ext
-from pipeline.data.dali_base import SampleReader, ShardIndex, read_shard_index
-from pipeline.data.shards import LoaderError, Shard
-
-
-@dataclass(frozen=True)
-class VideoShardIndex(ShardIndex):
-    """Byte ranges of one shard's videos and json metadata (``label`` holds the json's range).
-
-    For mp4/webm samples ``image`` holds the encoded video's range; for JPEG frame sequences
-    ``frames[i]`` holds the ``(offset, size)`` of every ``fNNNN.jpg`` of sample ``i``, in frame order.
-    """
-
-    frames: list[np.ndarray] | None = None
-
-    @classmethod
-    def load(cls, shard: Shard) -> VideoShardIndex:
-        """Reads the ``.idx`` beside a shard's tar (``mp4``/``webm`` samples or JPEG frame sequences)."""
-        entries = read_shard_index(shard)
-        if any(META not in e for e in entries):
-            raise LoaderError(f"{shard.url}: a sample has no json component (frame count); re-run vitpipe prep")
-        meta = np.array([e[META] for e in entries], np.int64)
-        if all(any(ext in e for ext in VIDEO_EXTS) for e in entries):
-            videos = [next(e[ext] for ext in VIDEO_EXTS if ext in e) for e in entries]
-            return cls(shard.url, np.array(videos, np.int64), meta)
-        frames = [np.array([e[k] for k in sorted(e) if is_frame_ext(k)], np.int64)
-                  for e in entries]
-        if any(len(f) == 0 for f in frames):
-            raise LoaderError(f"{shard.url}: samples are neither mp4/webm videos nor fNNNN.jpg frame sequences")
-        return cls(shard.url, np.zeros((len(entries), 2), np.int64), meta, frames)
+from data_prep.format import META, VIDEO_EXTS, frame_ext
+from pipeline.data.order import PlannedBatch
+from pipeline.data.reader import SampleIndex, ShardFiles, read_sample
+from pipeline.data.shards import LoaderError
 
 
 class VideoFeed:
-    """External source: per sample the encoded video, its frame indices and its label.
+    """External source: per sample the encoded video (or its sampled JPEG frames), its frame indices and label.
 
     Args:
-        reader: Byte access to the shards (``label`` ranges hold the json metadata).
-        plan: ``N×2`` (shard, sample) of this epoch, from the resume position on.
-        batch_size: Samples per batch.
+        index: Byte ranges of the split's samples.
+        files: Open shard files.
+        batches: The planned batches, in order (endless in training, cycling in evaluation).
         spec: The :class:`~pipeline.data.video.VideoSpec` (sampling rule, T, τ, clips).
         train: Random (training) or fixed (evaluation) frame indices.
-        seed: Seeds the training draws with the sample's position: ``(seed, position)``.
-        first: Position of ``plan[0]`` in the epoch (the resume offset in samples).
+        seed: Run seed; training draws come from ``(seed, epoch, position in the epoch)``.
+
+    Attributes:
+        jpeg_frames: Whether the samples are JPEG frame sequences (``fNNNN.jpg``) rather than mp4/webm.
+        pending: ``(epoch, step, keys)`` of each batch handed to DALI, oldest first.
     """
 
-    def __init__(self, reader: SampleReader, plan: np.ndarray, batch_size: int, spec: Any, *, train: bool,
-                 seed: tuple[int, ...], first: int) -> None:
-        self.reader, self.plan, self.batch_size, self.spec = reader, plan, batch_size, spec
-        self.train, self.seed, self.first, self.next = train, seed, first, 0
+    def __init__(self, index: SampleIndex, files: ShardFiles, batches: Iterator[PlannedBatch], spec: Any, *,
+                 train: bool, seed: int) -> None:
+        self.index, self.files, self.batches, self.spec = index, files, batches, spec
+        self.train, self.seed = train, seed
+        self.pending: deque[tuple[int, int, list[str]]] = deque()
+        first = read_sample(index, files, 0)
+        if META not in first:
+            raise LoaderError(f"{index.paths[0]}: a sample has no json component (frame count); re-run vitpipe prep")
+        self.jpeg_frames = not any(ext in first for ext in VIDEO_EXTS)
+        if self.jpeg_frames and frame_ext(0) not in first:
+            raise LoaderError(f"{index.paths[0]}: samples are neither mp4/webm videos nor fNNNN.jpg frame sequences")
 
-    def indices(self, meta: dict[str, Any], position: int) -> np.ndarray:
+    def indices(self, meta: dict[str, Any], epoch: int, position: int) -> np.ndarray:
         """The sample's frame indices, int32 ``(T,)`` in training, ``(C·T,)`` in evaluation."""
         from pipeline.data.video import sample_indices
 
         n = int(meta["frames"])
-        rng = np.random.default_rng([*self.seed, position]) if self.train else None
+        rng = np.random.default_rng([self.seed, epoch, position]) if self.train else None
         return sample_indices(n, self.spec, train=self.train, rng=rng).reshape(-1).astype(np.int32)
 
     def __call__(self) -> tuple[list[np.ndarray], ...]:
-        """The next batch (``StopIteration`` after the plan).
+        """The next batch (``StopIteration`` when the planned batches end).
 
         Returns:
             Videos: ``(encoded videos, frame indices, labels)``. JPEG frame sequences: the sampled
             frames' JPEG bytes as one output per clip position, then the labels.
         """
-        start = self.next * self.batch_size
-        if start >= len(self.plan):
-            raise StopIteration
-        self.next += 1
-        refs = self.plan[start:start + self.batch_size]
-        videos, metas = self.reader.read_raw(refs)
-        frames, labels = [], []
-        for i, raw in enumerate(metas):
-            meta = json.loads(raw.tobytes())
-            frames.append(self.indices(meta, self.first + start + i))
+        batch = next(self.batches)
+        videos, frames, labels, keys = [], [], [], []
+        for sample_id, position in zip(batch.ids.tolist(), batch.positions.tolist(), strict=True):
+            sample = read_sample(self.index, self.files, sample_id)
+            meta = json.loads(sample[META])
+            idx = self.indices(meta, batch.epoch, position)
+            if self.jpeg_frames:  # per sample: its sampled frames
+                videos.append([np.frombuffer(sample[frame_ext(int(i))], np.uint8) for i in idx])
+            else:
+                videos.append(np.frombuffer(next(sample[ext] for ext in VIDEO_EXTS if ext in sample), np.uint8))
+            frames.append(idx)
             labels.append(np.array([int(meta["label"])], np.int64))
-        if self.reader.shards[0].frames is None:
+            keys.append(sample["__key__"])
+        self.pending.append((batch.epoch, batch.step, keys))
+        if not self.jpeg_frames:
             return videos, frames, labels
-        jpegs = [self.reader.read_ranges(int(shard), self.reader.shards[int(shard)].frames[sample][idx])
-                 for (shard, sample), idx in zip(refs, frames, strict=True)]  # per sample: its sampled frames
-        return (*[list(position) for position in zip(*jpegs, strict=True)], labels)
+        return (*[list(position) for position in zip(*videos, strict=True)], labels)
 
 
 def build_video_pipeline(spec: Any, source: VideoFeed, *, train: bool, device: str, batch_size: int,
                          threads: int, seed: int, device_id: int | None, randaugment: str = "",
                          color_jitter: float = 0.0, fill: int = 124) -> Any:
-    """Builds the DALI video graph for one epoch.
+    """Builds the DALI video graph (once per run; the feed decides what it reads).
 
     Returns:
         A built pipeline with outputs ``(clips, labels)``: ``3×T×S×S`` uint8 in training,
@@ -124,7 +112,7 @@ def build_video_pipeline(spec: Any, source: VideoFeed, *, train: bool, device: s
 
     size, decode_dev = spec.img_size, "mixed" if device == "gpu" else "cpu"
 
-    jpeg_frames = source.reader.shards[0].frames is not None
+    jpeg_frames = source.jpeg_frames
     positions = spec.frames * (1 if train else spec.num_clips)  # frames per sample
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,

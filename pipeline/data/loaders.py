@@ -14,14 +14,17 @@ with the same dtypes, layout and value ranges.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from data_prep.format import load_dataset_info
+from data_prep.format import atomic_write_bytes, load_dataset_info
 from pipeline.config import DataCfg, JobCfg
 from pipeline.data.batch_augment import BatchAugment, Mixup, RandomErasing, normalize
 from pipeline.data.sample_transforms import apply_to_clip, clip_color_transform, eval_transform, train_transform
@@ -32,13 +35,59 @@ logger = logging.getLogger(__name__)
 
 
 class BackendLoader(Protocol):
-    """What a backend's training loader offers (``wds``: :class:`~pipeline.data.wds.TrainLoader`)."""
+    """What a backend's training loader offers.
+
+    ``wds``: :class:`~pipeline.data.wds.ExactTrainLoader` or :class:`~pipeline.data.wds.TrainLoader`;
+    ``dali``: :class:`~pipeline.data.dali.DaliLoader`.
+    """
 
     steps_per_epoch: int
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...  # noqa: D102
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...  # noqa: D105
+    def position(self, epoch: int, batches: int) -> int: ...  # noqa: D102
+
+    def resume_at(self, epoch: int, samples: int, world_size: int, multiple: int = 1) -> int: ...  # noqa: D102
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...  # noqa: D105
+
+
+class KeyRecorder:
+    """``data.record_keys``: the keys of the samples a rank trained on, one CSV per epoch.
+
+    ``<folder>/keys-rank{R}-of{W}-epoch{E}.csv`` (rank ``R`` of ``W`` processes) with the columns of
+    ``vitpipe order --out`` (``rank,step,key``), rewritten atomically whenever an iteration over the epoch
+    ends; rows of a resumed epoch's earlier batches (an earlier process, the same ``W``) are kept.
+    """
+
+    def __init__(self, folder: str | Path, rank: int, world_size: int) -> None:
+        self.folder, self.rank, self.world_size = Path(folder), rank, world_size
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rows: list[tuple[int, str]] = []
+        self.epoch = -1
+
+    def path(self, epoch: int) -> Path:
+        """The CSV of ``epoch``."""
+        return self.folder / f"keys-rank{self.rank}-of{self.world_size}-epoch{epoch}.csv"
+
+    def start(self, epoch: int, skip: int) -> None:
+        """Begins (or resumes at batch ``skip``) an epoch's record."""
+        self.epoch, self.rows = epoch, []
+        if skip and self.path(epoch).is_file():
+            with self.path(epoch).open(newline="") as f:
+                self.rows = [(int(r["step"]), r["key"]) for r in csv.DictReader(f) if int(r["step"]) < skip]
+
+    def add(self, step: int, keys: list[str]) -> None:
+        """Records one batch."""
+        self.rows += [(step, k) for k in keys]
+
+    def write(self) -> None:
+        """Writes the epoch's record so far."""
+        text = io.StringIO()
+        out = csv.writer(text, lineterminator="\n")
+        out.writerow(["rank", "step", "key"])
+        out.writerows((self.rank, step, key) for step, key in self.rows)
+        atomic_write_bytes(self.path(self.epoch), text.getvalue().encode())
 
 
 class TrainBatches:
@@ -48,8 +97,9 @@ class TrainBatches:
     ``set_epoch(e, skip_batches=k)`` reproduces batches ``k, k+1, ...`` of the uninterrupted epoch.
     """
 
-    def __init__(self, loader: BackendLoader, device: torch.device, augment: BatchAugment) -> None:
-        self.loader, self.device, self.augment = loader, device, augment
+    def __init__(self, loader: BackendLoader, device: torch.device, augment: BatchAugment,
+                 recorder: KeyRecorder | None = None) -> None:
+        self.loader, self.device, self.augment, self.recorder = loader, device, augment, recorder
         self.epoch = self.skip = 0
 
     @property
@@ -66,14 +116,39 @@ class TrainBatches:
         self.epoch, self.skip = epoch, skip_batches
         self.loader.set_epoch(epoch, skip_batches)
 
+    def position(self, epoch: int, batches: int) -> int:
+        """Samples of ``epoch`` consumed by all ranks before its batch ``batches``.
+
+        What a checkpoint keeps, so that :meth:`resume_at` can continue the epoch on any number of processes.
+        """
+        return self.loader.position(epoch, batches)
+
+    def resume_at(self, epoch: int, samples: int, world_size: int, multiple: int = 1) -> int:
+        """The batch at which this rank continues ``epoch`` after ``samples`` consumed on ``world_size`` ranks.
+
+        ``exact`` sampling: the rest of the epoch, cut into steps of this world size (nothing repeated or
+        skipped), their number a multiple of ``multiple`` (gradient accumulation; what that drops joins the
+        remainder); ``stream``: the same batch on the same number of ranks, else 0 (the epoch restarts).
+        Pass the result to :meth:`set_epoch` and count the epoch's batches from it.
+        """
+        return self.loader.resume_at(epoch, samples, world_size, multiple)
+
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for index, raw in enumerate(self.loader, start=self.skip):
-            pixels = raw["input"].to(self.device, non_blocking=True)
-            labels = raw["label"].to(self.device, non_blocking=True)
-            yield self.augment(pixels, labels, self.epoch, index)
+        if self.recorder is not None:
+            self.recorder.start(self.epoch, self.skip)
+        try:
+            for index, raw in enumerate(self.loader, start=self.skip):
+                if self.recorder is not None:
+                    self.recorder.add(index, raw["key"])
+                pixels = raw["input"].to(self.device, non_blocking=True)
+                labels = raw["label"].to(self.device, non_blocking=True)
+                yield self.augment(pixels, labels, self.epoch, index)
+        finally:
+            if self.recorder is not None:
+                self.recorder.write()
 
 
 class EvalBatches:
@@ -169,16 +244,20 @@ def build_loaders(cfg: JobCfg, *, rank: int, world_size: int, device: torch.devi
     """
     d = cfg.data
     read_split(d.path, d.train_split)  # a clear error for a missing data set or split, before any work
+    keys = bool(d.record_keys)
     if d.backend == "dali":
         from pipeline.data.dali import DaliLoader
 
         train: Any = DaliLoader(d, d.train_split, batch_size=d.batch_size, seed=cfg.run.seed, train=True,
-                                rank=rank, world_size=world_size)
-        logger.info("dali loader on %s: %d steps/epoch per rank", train.device, train.steps_per_epoch)
+                                rank=rank, world_size=world_size, keys=keys)
+        logger.info("dali loader on %s (%s sampling): %d steps/epoch per rank", train.device, d.sampler,
+                    train.steps_per_epoch)
     else:
         train = build_train_loader(
             d.path, d.train_split, sample_fn(d, train=True), batch_size=d.batch_size,
             num_workers=d.num_workers, seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer,
-            persistent_workers=d.persistent_workers, resample=d.resample_shards, rank=rank, world_size=world_size)
+            persistent_workers=d.persistent_workers, resample=d.resample_shards, rank=rank, world_size=world_size,
+            sampler=d.sampler, shuffle_shards=d.shuffle_shards, max_open_files=d.max_open_files, keys=keys)
     evals = build_eval(cfg, d.val_split, rank=rank, world_size=world_size, device=device)
-    return TrainBatches(train, device, batch_augment(cfg, num_classes)), evals
+    recorder = KeyRecorder(d.record_keys, rank, world_size) if keys else None
+    return TrainBatches(train, device, batch_augment(cfg, num_classes), recorder), evals

@@ -1,10 +1,11 @@
-"""Shard lists and epoch planning shared by both loader backends (``wds`` and ``dali``).
+"""Shard lists and the ``stream`` mode's epoch planning, shared by both loader backends (``wds`` and ``dali``).
 
-A split is the list of shards ``dataset.json`` names (:func:`read_split`). Both backends plan an
-epoch the same way: the shard permutation of ``(seed, epoch)`` (:func:`epoch_shard_order`), the same
-number of batches on every rank (:func:`steps_per_epoch`), and a refusal when ranks × workers would
-leave a worker without a shard (:func:`check_shards`). Dataset problems surface as
-:class:`LoaderError`, one line for the user.
+A split is the list of shards ``dataset.json`` names (:func:`read_split`). With ``data.sampler = "stream"``
+both backends plan an epoch the same way: the shard permutation of ``(seed, epoch)``
+(:func:`epoch_shard_order`), the same number of batches on every rank (:func:`steps_per_epoch`), and a
+refusal when ranks × workers would leave a worker without a shard (:func:`check_shards`). The ``exact``
+mode's plan is :mod:`pipeline.data.order`. Dataset problems surface as :class:`LoaderError`, one line for
+the user.
 """
 
 from __future__ import annotations

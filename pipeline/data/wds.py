@@ -1,26 +1,37 @@
-"""The CPU loader: WebDataset shards → per-epoch shard shuffle → split by rank and worker → batches.
+"""The CPU loader: per-sample CPU decoding and augmentation in DataLoader workers, two ways of drawing an epoch.
 
-Epoch contract (training):
+**Exact sampling** (``data.sampler = "exact"``, the default; :class:`ExactTrainLoader`):
 
-* An epoch is ``steps_per_epoch = train_samples // (world_size × batch_size)`` batches on every
-  rank, so every rank takes the same number of optimizer steps and DDP never waits at an epoch end.
+* The epoch's order and every rank's batches come from :class:`~pipeline.data.order.SamplePlan` (the plan
+  ``vitpipe order`` prints): every training sample once per epoch across all ranks (but a remainder smaller
+  than one global batch), ``steps_per_epoch = samples // (world_size × batch_size)`` on every rank.
+* A sampler in the training process hands each batch's sample ids to the workers (batch ``j`` to worker
+  ``j mod W``, PyTorch's round robin); a worker reads each sample with one ``pread`` of its byte range
+  (:mod:`pipeline.data.reader`, through at most ``data.max_open_files`` open files) and decodes it.
+* One DataLoader iterator lives across epochs: the sampler runs on into the next epoch, so the batches
+  prefetched at an epoch's end are the next epoch's first ones and nothing is decoded twice or thrown away.
+* Each sample's augmentation draws from ``(seed, epoch, position in the epoch)``: the same whatever the
+  numbers of processes and workers. Resume after ``k`` batches (``set_epoch(epoch, k)``) yields exactly
+  the batches ``k, k+1, ...`` of the uninterrupted epoch, bit for bit; on another number of processes
+  :meth:`ExactTrainLoader.resume_at` continues the epoch from the samples consumed.
+
+**Stream sampling** (``data.sampler = "stream"``; :class:`TrainLoader`), for storage where random reads
+are slow:
+
 * The shard order of epoch ``e`` is a permutation drawn from ``(seed, e)``; rank ``r`` of ``R`` takes
-  shards ``r::R`` of it and its worker ``w`` of ``W`` takes every ``W``-th of those.
-* Each worker reads its shards through a shuffle buffer seeded from ``(seed, epoch, rank, worker)``.
-  A worker whose shards run out before the rank has its batches goes on with its shards of the
-  next permutation, so shards of unequal size repeat a few samples instead of stalling a rank.
-* Each sample's augmentation draws from its own seed, derived from ``(seed, epoch, rank, worker,
-  position in the worker's stream)``; nothing depends on process-global random state.
-
-Workers persist across epochs (``persistent_workers``): the epoch and resume position live in
-shared memory that every worker reads when the DataLoader restarts its iteration, so an epoch
-boundary costs no process start-up.
-
-Resume: ``set_epoch(epoch, skip_batches=k)`` yields exactly the batches ``k, k+1, ...`` that an
-uninterrupted epoch would have yielded, bit for bit. Workers drop their share of the first ``k``
-batches right after the shuffle buffer, before decoding (batch ``j`` of an epoch comes from worker
-``j mod W``: PyTorch's DataLoader fetches from its workers in turn, so after a resume the worker
-roles are rotated by ``k mod W``). Nothing is repeated or lost.
+  shards ``r::R`` of it and its worker ``w`` of ``W`` takes every ``W``-th of those, read sequentially
+  through a shuffle buffer seeded from ``(seed, epoch, rank, worker)``.
+* Every rank yields ``steps_per_epoch`` batches. A worker whose shards run out before the rank has its
+  batches goes on with its shards of the next permutation: per epoch some samples are read twice and
+  others not at all (shards of unequal size, or more workers than shards divide evenly).
+* Each sample's augmentation draws from ``(seed, epoch, rank, worker, position in the worker's stream)``.
+  Workers persist across epochs (``persistent_workers``); the epoch and resume position live in shared
+  memory that every worker reads when the DataLoader restarts its iteration at each epoch (the batches
+  prefetched beyond an epoch's end are dropped).
+* Resume: ``set_epoch(epoch, skip_batches=k)`` yields exactly the batches ``k, k+1, ...`` of the
+  uninterrupted epoch, bit for bit (workers drop their share of the first ``k`` batches right after the
+  shuffle buffer, before decoding; after a resume the worker roles are rotated by ``k mod W``). A change
+  of process count restarts the epoch.
 
 Evaluation reads every sample exactly once: ranks and workers split the shards in a fixed order.
 """
@@ -34,18 +45,21 @@ import logging
 import multiprocessing
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from data_prep.format import CLS, IMAGE_EXTS
+from pipeline.data.order import PlanError, PlannedBatch, SamplePlan
+from pipeline.data.reader import SampleIndex, ShardFiles, read_sample
 from pipeline.data.shards import (
+    LoaderError,
     Shard,
     check_shards,
     epoch_shard_order,
@@ -144,7 +158,7 @@ class ShardStream(IterableDataset):
         for lap in itertools.count():  # wrap into the next permutation rather than run dry
             yield from (s.url for s in self._my_shards(self.epoch + lap))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
         worker, _ = self._worker()
         stages: list[Any] = [lambda: ({"url": url} for url in self._urls()),
                              wds.tarfile_to_samples(handler=wds.warn_and_continue)]
@@ -165,10 +179,10 @@ class ShardStream(IterableDataset):
                 sample["__seed__"] = seed_of(self.seed, self.epoch, self.rank, worker, position)
                 yield sample
 
-    def _transform(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    def _transform(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int, str]:
         label = int(sample[CLS])
         with _seeded(sample.get("__seed__")):
-            return self.transform(sample), label
+            return self.transform(sample), label, sample["__key__"]
 
 
 def _skip_and_count(exn: Exception) -> bool:
@@ -201,11 +215,13 @@ def _seeded(seed: int | None) -> Iterator[None]:
 
 @dataclass
 class TrainLoader:
-    """A rank's training batches; iterate once per epoch after :meth:`set_epoch`."""
+    """A rank's training batches with ``stream`` sampling; iterate once per epoch after :meth:`set_epoch`."""
 
     stream: ShardStream
     loader: DataLoader
     steps_per_epoch: int
+    keys: bool = False
+    """Add each batch's sample keys as ``"key"`` (``data.record_keys``)."""
 
     skip: int = 0
 
@@ -214,12 +230,138 @@ class TrainLoader:
         self.skip = skip_batches
         self.stream.set_epoch(epoch, skip_batches, self.loader.batch_size or 1)
 
+    def position(self, epoch: int, batches: int) -> int:
+        """Samples of ``epoch`` consumed by all ranks before batch ``batches`` (what a checkpoint records)."""
+        return batches * self.stream.world_size * (self.loader.batch_size or 1)
+
+    def resume_at(self, epoch: int, samples: int, world_size: int, multiple: int = 1) -> int:
+        """The batch to resume ``epoch`` at after ``samples`` consumed on ``world_size`` ranks.
+
+        Stream sampling resumes exactly on the same number of ranks only; otherwise the epoch restarts.
+        """
+        if world_size != self.stream.world_size:
+            logger.warning("stream sampling: %d ranks resume a checkpoint of %d: epoch %d restarts from its "
+                           "beginning (data.sampler = 'exact' continues it)", self.stream.world_size, world_size,
+                           epoch)
+            return 0
+        return samples // (world_size * (self.loader.batch_size or 1))
+
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for inputs, labels in itertools.islice(self.loader, self.steps_per_epoch - self.skip):
-            yield {"input": inputs, "label": labels}
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for inputs, labels, keys in itertools.islice(self.loader, self.steps_per_epoch - self.skip):
+            yield {"input": inputs, "label": labels, **({"key": list(keys)} if self.keys else {})}
+
+
+class SampleBatches(Dataset):
+    """Exact sampling's worker side: a :class:`~pipeline.data.order.PlannedBatch` → its decoded batch.
+
+    Each sample is read with one ``pread`` (:func:`~pipeline.data.reader.read_sample`) and transformed
+    with its augmentation seeded from ``(seed, epoch, position)``. A sample that fails to decode or
+    augment is skipped with a warning (the batch is one shorter).
+    """
+
+    def __init__(self, index: SampleIndex, transform: SampleFn, *, seed: int, max_open_files: int) -> None:
+        self.index, self.transform, self.seed = index, transform, seed
+        self.files = ShardFiles(index.paths, max_open_files)
+
+    def __len__(self) -> int:
+        return self.index.num_samples
+
+    def __getitem__(self, batch: PlannedBatch) -> dict[str, Any]:
+        inputs, labels, keys = [], [], []
+        for sample_id, position in zip(batch.ids.tolist(), batch.positions.tolist(), strict=True):
+            sample = read_sample(self.index, self.files, sample_id)
+            try:
+                with _seeded(seed_of(self.seed, batch.epoch, position)):
+                    inputs.append(self.transform(sample))
+            except Exception as exn:  # noqa: BLE001 - the stream mode's policy: skip and warn
+                _skip_and_count(exn)
+                continue
+            labels.append(int(sample[CLS]))
+            keys.append(sample["__key__"])
+        if not inputs:
+            raise LoaderError(f"every sample of batch {batch.step} of epoch {batch.epoch} failed to decode")
+        return {"input": torch.stack(inputs), "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+                "epoch": batch.epoch, "step": batch.step}
+
+
+class _PlanSampler:
+    """Hands the rank's planned batches to the DataLoader, from ``start`` on and across epochs."""
+
+    def __init__(self, plan: SamplePlan) -> None:
+        self.plan, self.start = plan, (0, 0)
+
+    def __iter__(self) -> Iterator[PlannedBatch]:
+        return self.plan.batches(*self.start)
+
+
+@dataclass
+class ExactTrainLoader:
+    """A rank's training batches with ``exact`` sampling (module docstring); one iterator across epochs.
+
+    The trainer's contract is unchanged: :meth:`set_epoch`, then iterate the epoch's batches. When the
+    requested position is where the live iterator stands (the next epoch after a whole one), it goes on;
+    otherwise (a resume) the iterator restarts there.
+    """
+
+    plan: SamplePlan
+    loader: DataLoader
+    sampler: _PlanSampler
+    keys: bool = False
+    """Add each batch's sample keys as ``"key"`` (``data.record_keys``)."""
+
+    epoch: int = 0
+    skip: int = 0
+    restarts: int = 0
+    """Iterators started so far (1 for a run that goes through its epochs without a resume)."""
+    _live: Iterator[dict[str, Any]] | None = field(default=None, repr=False)
+    _next: tuple[int, int] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch, the same on every rank."""
+        return self.plan.steps_per_epoch
+
+    @steps_per_epoch.setter
+    def steps_per_epoch(self, value: int) -> None:
+        if value != self.plan.steps_per_epoch:
+            self._live = self._next = None  # planned batches of the old length may be in flight
+        self.plan.steps_per_epoch = value
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Selects the epoch for the next iteration, resuming after ``skip_batches`` consumed batches."""
+        self.epoch, self.skip = epoch, skip_batches
+
+    def position(self, epoch: int, batches: int) -> int:
+        """Samples of ``epoch`` consumed by all ranks before batch ``batches`` (what a checkpoint records)."""
+        return self.plan.cursor(epoch, batches)
+
+    def resume_at(self, epoch: int, samples: int, world_size: int, multiple: int = 1) -> int:
+        """The batch to resume ``epoch`` at after ``samples`` consumed (on ``world_size`` ranks, any number).
+
+        Pass the result to :meth:`set_epoch`; the rest of the epoch reads exactly the samples not yet read
+        (in a multiple of ``multiple`` batches: :meth:`~pipeline.data.order.SamplePlan.resume_at`).
+        """
+        return self.plan.resume_at(epoch, samples, multiple)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._live is None or self._next != (self.epoch, self.skip):
+            self.sampler.start = (self.epoch, self.skip)
+            self._live = iter(self.loader)
+            self._next = (self.epoch, self.skip)
+            self.restarts += 1
+        for step in range(self.skip, self.steps_per_epoch):
+            raw = next(self._live)
+            if (raw["epoch"], raw["step"]) != (self.epoch, step):  # the sampler and this loop disagree: a bug
+                raise RuntimeError(f"loader out of step: got batch {raw['step']} of epoch {raw['epoch']}, "
+                                   f"expected {step} of {self.epoch}")
+            self._next = (self.epoch, step + 1) if step + 1 < self.steps_per_epoch else (self.epoch + 1, 0)
+            yield {"input": raw["input"], "label": raw["label"], **({"key": raw["key"]} if self.keys else {})}
 
 
 @dataclass
@@ -229,7 +371,7 @@ class EvalLoader:
     loader: DataLoader
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for inputs, labels in self.loader:
+        for inputs, labels, _ in self.loader:
             yield {"input": inputs, "label": labels}
 
 
@@ -246,7 +388,11 @@ def build_train_loader(
     shuffle_buffer: int,
     persistent_workers: bool = True,
     resample: bool = False,
-) -> TrainLoader:
+    sampler: Literal["exact", "stream"] = "exact",
+    shuffle_shards: int = 16,
+    max_open_files: int = 64,
+    keys: bool = False,
+) -> TrainLoader | ExactTrainLoader:
     """Builds the training loader of one rank.
 
     Args:
@@ -258,18 +404,42 @@ def build_train_loader(
         rank: This rank.
         world_size: Number of ranks.
         seed: Run seed (with the epoch it fixes the order and the augmentation).
-        shuffle_buffer: Samples held by each worker's shuffle buffer.
-        persistent_workers: Keep the workers alive across epochs.
-        resample: Allow fewer shards than ranks × workers by repeating shards within an epoch.
+        shuffle_buffer: ``stream``: samples held by each worker's shuffle buffer.
+        persistent_workers: Keep the workers alive across epochs (``stream``; ``exact`` keeps one
+            iterator across epochs anyway, and this keeps its workers through a resume).
+        resample: ``stream``: allow fewer shards than ranks × workers by repeating shards within an epoch.
+        sampler: ``exact`` (every sample once per epoch, planned by :mod:`pipeline.data.order`) or
+            ``stream`` (whole shards per worker; module docstring).
+        shuffle_shards: ``exact``: shards whose samples are shuffled together.
+        max_open_files: ``exact``: shard files each worker keeps open.
+        keys: Add each batch's sample keys as ``"key"`` (a list of ``str``).
 
     Returns:
         A loader yielding ``{"input": B×3×H×W (or B×3×T×H×W) uint8, "label": B int64}`` for
         ``steps_per_epoch`` batches per epoch, the same count on every rank.
 
     Raises:
-        LoaderError: If there are fewer shards than ranks × workers (and no resampling) or fewer
-            samples than one global batch.
+        LoaderError: If there are fewer samples than one global batch, or (``stream``) fewer shards than
+            ranks × workers and no resampling.
     """
+    pin = torch.cuda.is_available()
+    if sampler == "exact":
+        index = SampleIndex.load(dataset_dir, split)
+        try:
+            plan = SamplePlan(index.sizes, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
+                              block_shards=shuffle_shards)
+        except PlanError as err:
+            raise LoaderError(f"{split} has {index.num_samples} samples, fewer than one global batch of "
+                              f"{world_size} × {batch_size}: lower data.batch_size") from err
+        sampler = _PlanSampler(plan)
+        dataset = SampleBatches(index, transform, seed=seed, max_open_files=max_open_files)
+        # batch_size=None: the planned batches arrive whole; the generator only seeds the workers' base seed.
+        exact = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
+                           persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin,
+                           generator=torch.Generator().manual_seed(seed))
+        logger.info("train loader: exact sampling, %d samples in %d shards, %d steps/epoch per rank, %d workers",
+                    index.num_samples, len(index.paths), plan.steps_per_epoch, num_workers)
+        return ExactTrainLoader(plan, exact, sampler, keys=keys)
     shards, _ = read_split(dataset_dir, split)
     check_shards(shards, split, world_size, num_workers, resample)
     steps = steps_per_epoch(shards, split, world_size, batch_size)
@@ -278,9 +448,10 @@ def build_train_loader(
     # Its own generator: creating an iterator then never draws from the training process's RNG.
     loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, drop_last=True,
                         persistent_workers=persistent_workers and num_workers > 0,
-                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
-    logger.info("train loader: %d shards, %d steps/epoch per rank, %d workers", len(shards), steps, num_workers)
-    return TrainLoader(stream, loader, steps)
+                        pin_memory=pin, generator=torch.Generator().manual_seed(seed))
+    logger.info("train loader: stream sampling, %d shards, %d steps/epoch per rank, %d workers", len(shards), steps,
+                num_workers)
+    return TrainLoader(stream, loader, steps, keys=keys)
 
 
 def build_eval_loader(

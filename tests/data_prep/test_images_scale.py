@@ -218,6 +218,9 @@ def test_two_task_array_plus_merge_equals_single_run(src: Path, single: Path, tm
     assert [p.returncode for p in procs] == [0, 0], logs
     assert not (out / "dataset.json").exists()
     assert "task 0/2: shards 0..3 of 9" in logs[0] and "task 1/2: shards 4..8 of 9" in logs[1]
+    # the tasks started together: one scanned and planned, the other waited for its plan file
+    assert sum("planning" in log for log in logs) == 1 and sum("images in 3 class folders" in log for log in logs) == 1
+    assert sorted(p.name for p in (out / "_parts").iterdir()) == ["plan.json", "plan.parquet"]  # lock released
     res = _cli("merge", str(out))
     assert res.returncode == 0, res.stderr
     ref = _files(single)

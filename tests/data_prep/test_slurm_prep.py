@@ -36,6 +36,7 @@ def test_array_template_two_tasks_then_merge(tmp_path: Path) -> None:
                              env={**env, "SLURM_ARRAY_TASK_ID": str(task_id)}, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         assert f"prep task {task_id - 3}/2" in res.stdout
+        assert ("planning" in res.stderr) == (task_id == 3), res.stderr  # the first task plans, the second reads
     submitted = (tmp_path / "sbatch.log").read_text().splitlines()
     assert submitted == [f"--parsable --dependency=afterok:777 --kill-on-invalid-dep=yes slurm/prep_merge.sbatch "
                          f"{tmp_path / 'out'}"]

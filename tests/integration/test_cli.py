@@ -14,14 +14,14 @@ import torch
 from tests.conftest import ROOT, run_cli
 from vitpipe.cli import build_parser
 
-COMMANDS = ["demo", "prep", "prep imagenet", "train", "eval", "export", "config", "models", "ui", "submit", "status",
-            "cancel", "viz"]
+COMMANDS = ["demo", "prep", "prep imagenet", "train", "eval", "export", "config", "models", "order", "ui", "submit",
+            "status", "cancel", "viz"]
 
 
 def test_top_level_help_lists_every_command() -> None:
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for command in ("demo", "prep", "train", "eval", "ui", "config", "models", "submit", "status", "cancel"):
+    for command in ("demo", "prep", "train", "eval", "ui", "config", "models", "order", "submit", "status", "cancel"):
         assert f"    {command}" in proc.stdout
 
 

@@ -279,6 +279,34 @@ def test_eval_and_prep_dry_runs(capsys, tmp_path: Path) -> None:
     assert (args.root, args.codec, args.fps, args.out, args.slurm) == (Path("r").resolve(), "vp9", 15.0, dest, False)
 
 
+def test_prep_submission_plans_once_and_tasks_read_the_plan(capsys, monkeypatch, tmp_path: Path) -> None:
+    """``prep --slurm`` scans and writes the plan before submitting (no more tasks than shards); a task started
+    with the rendered arguments uses that plan without scanning (sbatch is a stub here)."""
+    from tests.data_prep.test_images_scale import make_imagenet
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/sbatch.args\necho 4242\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    src, dest = make_imagenet(tmp_path / "src", bad=False), tmp_path / "out"
+    out = _dry_run(capsys, "prep", "imagenet", "--src", str(src), "--out", str(dest), "--shard-size", "4", "--slurm",
+                   "--slurm-tasks", "50", "--cluster", str(_cluster_file(tmp_path)))
+    assert "submitted prep array job 4242 (7 tasks)" in out  # 5 train + 2 val shards
+    assert (dest / "_parts" / "plan.json").is_file() and (dest / "_parts" / "plan.parquet").is_file()
+    array = (dest / "slurm" / "prep_array.sbatch").read_text()
+    assert _sbatch_options(array)["array"].startswith("0-6")
+    settings = array.split("# settings")[1].split("set -euo pipefail")[0]
+    task_args = subprocess.run(["bash", "-c", settings + '\nprintf "%s\\n" "${PREP_ARGS[@]}"'], capture_output=True,
+                               text=True).stdout.splitlines()
+    res = subprocess.run([sys.executable, "-m", "vitpipe", "prep", *task_args, "--task-index", "6", "--num-tasks", "7",
+                          "--workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "task 6/7: shards 6..6 of 7" in res.stderr and "planning" not in res.stderr
+    assert "class folders" not in res.stderr  # no scan
+    assert (dest / "val" / "val-000001.tar").is_file()
+
+
 def test_submission_writes_the_script_and_tags_an_existing_mlflow_run(capsys, monkeypatch, tmp_path: Path) -> None:
     """Resubmitting a preempted run: the script lands in the run directory, the job in jobs.json and the run's
     MLflow run (sbatch is a stub here)."""

@@ -59,6 +59,7 @@ def _keys(plan: np.ndarray) -> set[tuple[int, int]]:
 
 
 def test_dali_rank_plans_are_disjoint_and_cover_the_epoch(digits_shards: Path) -> None:
+    """Stream sampling's plan (``epoch_plan``): disjoint ranks, each short of or beyond its quota."""
     shards, _ = read_split(digits_shards, "train")  # 11 shards of 128 and one of 30
     sizes = [s.num_samples for s in shards]
     world, batch = 3, 16
@@ -83,6 +84,7 @@ def test_dali_rank_plans_are_disjoint_and_cover_the_epoch(digits_shards: Path) -
 
 
 def test_wds_rank_splits_are_disjoint(digits_shards: Path) -> None:
+    """Stream sampling: ranks read disjoint shards; repeats come only from borrowing next-epoch shards."""
     def key_index(sample: dict) -> torch.Tensor:  # the sample's number, as the "input"
         return torch.tensor(int(re.sub(r"\D", "", sample["__key__"])))
 
@@ -90,7 +92,7 @@ def test_wds_rank_splits_are_disjoint(digits_shards: Path) -> None:
     seen = []
     for rank in range(world):
         loader = build_train_loader(digits_shards, "train", key_index, batch_size=batch, num_workers=workers,
-                                    rank=rank, world_size=world, seed=0, shuffle_buffer=1)
+                                    rank=rank, world_size=world, seed=0, shuffle_buffer=1, sampler="stream")
         loader.set_epoch(epoch)  # (a shuffle buffer would also hold back up to its size of own samples)
         seen.append(torch.cat([b["input"] for b in loader]).tolist())
     shards, _ = read_split(digits_shards, "train")
@@ -125,3 +127,98 @@ def test_dali_index_files_are_read(digits_shards: Path) -> None:
     entries = read_index(digits_shards / "train" / "train-000000.idx")
     assert len(entries) == read_split(digits_shards, "train")[0][0].num_samples
     assert {"jpg", "cls", "lbl", "json"} <= set(entries[0])
+
+
+def _plan_keys(digits_shards: Path, world: int, batch: int, epoch: int) -> list[list[list[str]]]:
+    """``vitpipe order``'s table as keys: ``[rank][step] -> keys`` (the plan both loaders follow)."""
+    from pipeline.data.order import SamplePlan
+    from pipeline.data.reader import SampleIndex
+
+    index = SampleIndex.load(digits_shards, "train", keys=True)
+    keys = np.array(index.keys.to_pylist())
+    table = SamplePlan(index.sizes, seed=0, rank=0, world_size=world, batch_size=batch,
+                       block_shards=16).epoch_table(epoch)
+    return [[keys[table[s, r]].tolist() for s in range(table.shape[0])] for r in range(world)]
+
+
+@pytest.mark.parametrize("backend", ["wds", "dali"])
+def test_exact_sampling_reads_the_plan_with_one_reader_across_epochs(digits_shards: Path, backend: str,
+                                                                     tmp_path: Path) -> None:
+    """3 ranks (wds: × 2 workers): the keys of every batch are the plan's, epoch after epoch, from one
+    DataLoader iterator (one DALI pipeline) per rank; every sample at most once per epoch."""
+    world, epochs = 3, (0, 1)
+    want = {e: _plan_keys(digits_shards, world, 16, e) for e in epochs}
+    for rank in range(world):
+        job = _cfg(digits_shards, backend, num_workers=2, record_keys=str(tmp_path), randaugment="", mixup=0.0,
+                   cutmix=0.0)
+        train, _ = build_loaders(job, rank=rank, world_size=world, device=CPU, num_classes=10)
+        for epoch in epochs:
+            train.set_epoch(epoch)
+            got = [raw["key"] for raw in train.loader]  # the backend's batches, keys read from the tar headers
+            assert got == want[epoch][rank]
+        assert getattr(train.loader, "restarts", getattr(train.loader, "builds", None)) == 1
+    for epoch in epochs:
+        flat = [k for rank in want[epoch] for batch in rank for k in batch]
+        assert len(flat) == len(set(flat)) == 1438 // 48 * 48  # all but the 14-sample remainder, once
+
+
+def test_exact_sampling_resumes_mid_epoch_on_another_number_of_processes(digits_shards: Path, tmp_path: Path) -> None:
+    """3 ranks stop after 11 of their 29 steps; 2 ranks continue the epoch: no sample twice, none skipped but
+    the new remainder (what the trainer does with ``position`` and ``resume_at``)."""
+    def loader(rank: int, world: int) -> object:
+        job = _cfg(digits_shards, "wds", num_workers=0, record_keys=str(tmp_path), randaugment="", mixup=0.0,
+                   cutmix=0.0)
+        return build_loaders(job, rank=rank, world_size=world, device=CPU, num_classes=10)[0]
+
+    seen: list[str] = []
+    for rank in range(3):
+        train = loader(rank, 3)
+        train.set_epoch(1)
+        seen += [k for _, raw in zip(range(11), train.loader, strict=False) for k in raw["key"]]
+        samples = train.position(1, 11)
+    assert samples == 11 * 3 * 16
+    steps = []
+    for rank in range(2):
+        train = loader(rank, 2)
+        skip = train.resume_at(1, samples, world_size=3)
+        train.set_epoch(1, skip)
+        batches = [raw["key"] for raw in train.loader]
+        steps.append((skip, len(batches), len(train)))
+        seen += [k for batch in batches for k in batch]
+    assert steps[0] == steps[1] and steps[0][0] + steps[0][1] == steps[0][2]  # the epoch still ends at its length
+    assert len(seen) == len(set(seen))  # nothing repeated
+    assert 1438 - len(seen) == (1438 - samples) % 32 < 32  # nothing skipped but the remainder of 2 × 16
+
+
+def test_key_record_keeps_the_rows_of_a_resumed_epoch(tmp_path: Path) -> None:
+    from pipeline.data.loaders import KeyRecorder
+
+    first = KeyRecorder(tmp_path, rank=1, world_size=4)
+    first.start(2, 0)
+    first.add(0, ["a", "b"])
+    first.add(1, ["c", "d"])
+    first.write()
+    again = KeyRecorder(tmp_path, rank=1, world_size=4)  # a resumed process, continuing at batch 1 of epoch 2
+    again.start(2, 1)
+    again.add(1, ["c", "d"])
+    again.add(2, ["e", "f"])
+    again.write()
+    rows = (tmp_path / "keys-rank1-of4-epoch2.csv").read_text().splitlines()
+    assert rows == ["rank,step,key", "1,0,a", "1,0,b", "1,1,c", "1,1,d", "1,2,e", "1,2,f"]
+
+
+def test_dali_stream_sampling_follows_its_plan_with_one_pipeline(digits_shards: Path) -> None:
+    from pipeline.data.reader import SampleIndex
+
+    index = SampleIndex.load(digits_shards, "train", keys=True)
+    keys = np.array(index.keys.to_pylist())
+    shards, _ = read_split(digits_shards, "train")
+    cfg = _cfg(digits_shards, "dali", sampler="stream", randaugment="")
+    loader = DaliLoader(cfg.data, "train", batch_size=16, rank=1, world_size=2, seed=0, train=True, keys=True)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        got = [k for batch in loader for k in batch["key"]]
+        refs = epoch_plan(shards, [s.num_samples for s in shards], seed=0, epoch=epoch, rank=1, world_size=2,
+                          count=loader.steps_per_epoch * 16)
+        assert got == keys[index.starts[refs[:, 0]] + refs[:, 1]].tolist()
+    assert loader.builds == 1

@@ -20,10 +20,10 @@ _keys_transform = image_sample_fn(eval_transform(DATA))
 
 
 def _train(path: Path, rank: int, world: int, seed: int = 0, workers: int = 0, batch: int = 16,
-           resample: bool = False):
+           resample: bool = False, sampler: str = "exact"):
     return build_train_loader(path, "train", image_sample_fn(train_transform(DATA)), batch_size=batch,
                               num_workers=workers, rank=rank, world_size=world, seed=seed, shuffle_buffer=64,
-                              resample=resample)
+                              resample=resample, sampler=sampler)
 
 
 def test_batch_contract(digits_shards: Path) -> None:
@@ -80,14 +80,33 @@ def test_eval_split_is_covered_exactly_once_by_ranks(digits_shards: Path) -> Non
 
 
 def test_too_few_shards_is_a_clear_error_or_resampling_by_choice(digits_shards: Path) -> None:
+    """Stream sampling gives each worker whole shards: too few of them is an error, or resampling by choice."""
     with pytest.raises(LoaderError, match="12 shards but 4 ranks × 4 workers need at least 16"):
-        _train(digits_shards, 0, 4, workers=4)
+        _train(digits_shards, 0, 4, workers=4, sampler="stream")
     shards, _ = read_split(digits_shards, "train")
     steps = sum(s.num_samples for s in shards) // (7 * 16)
     for rank in (0, 6):  # 7 ranks × 2 workers > 12 shards: with resampling every worker still gets shards
-        loader = _train(digits_shards, rank, 7, workers=2, resample=True)
+        loader = _train(digits_shards, rank, 7, workers=2, resample=True, sampler="stream")
         loader.set_epoch(0)
         assert sum(1 for _ in loader) == steps
+
+
+def test_exact_sampling_needs_no_shard_per_worker(digits_shards: Path) -> None:
+    """Exact sampling splits samples, not shards: 7 ranks × 2 workers read 12 shards, every sample at most once."""
+    def key_index(sample: dict) -> torch.Tensor:
+        return torch.tensor(int(sample["__key__"].split("_")[1]))
+
+    shards, _ = read_split(digits_shards, "train")
+    steps = sum(s.num_samples for s in shards) // (7 * 16)
+    seen = []
+    for rank in range(7):
+        loader = build_train_loader(digits_shards, "train", key_index, batch_size=16, num_workers=2 if rank < 2 else 0,
+                                    rank=rank, world_size=7, seed=0, shuffle_buffer=64)
+        loader.set_epoch(0)
+        batches = [b["input"] for b in loader]
+        assert len(batches) == steps
+        seen += torch.cat(batches).tolist()
+    assert len(seen) == len(set(seen)) == steps * 7 * 16
 
 
 def test_batch_larger_than_split_is_a_clear_error(digits_shards: Path) -> None:

@@ -1,0 +1,150 @@
+"""MLflow records delivered by a background thread: in full, through a hung or stopped server, at close,
+at a preemption deadline and at a forced exit (the end-to-end outage during training is test_tracking.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.dist import free_port
+from pipeline.metrics import MlflowLogger, default_tracking_uri
+from tests.conftest import ROOT
+from vitpipe.ui import start_server, stop_server, wait_healthy
+
+
+def _serve(folder: Path):
+    """A real MLflow server over a SQLite store; yields ``(uri, process)``, stopped at the end."""
+    store, port = folder / "mlflow.db", free_port()
+    proc = start_server(store, port)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(uri, proc)
+        yield uri, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGCONT)  # a stopped server cannot handle SIGTERM
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """One server for the tests that stop it with SIGSTOP (and always continue it)."""
+    yield from _serve(tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture()
+def own_server(tmp_path: Path):
+    """A server that the test may end."""
+    yield from _serve(tmp_path)
+
+
+def _steps(uri: str, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_every_record_reaches_the_store_at_close(tmp_path: Path) -> None:
+    """2,500 log calls (5,000 metrics, merged into batches of ≤ 1,000) and an artifact, all delivered by close()."""
+    uri = default_tracking_uri(tmp_path)
+    lg = MlflowLogger(uri, "exp", "r", {"optim.lr": 0.1}, {}, pending_file=tmp_path / "pending.json")
+    for step in range(1, 2501):
+        lg.log({"train/loss": step / 10, "train/lr": 0.1}, step)
+    (tmp_path / "note.txt").write_text("x")
+    lg.log_artifact(tmp_path / "note.txt")
+    lg.log({"val/top1": 50.0}, 2500)
+    lg.close()
+    assert _steps(uri, lg.run_id, "train/loss") == list(range(1, 2501))  # nothing lost, nothing twice
+    run = MlflowClient(uri).get_run(lg.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"train/loss": 250.0, "train/lr": 0.1,
+                                                                  "val/top1": 50.0}
+    assert [a.path for a in MlflowClient(uri).list_artifacts(lg.run_id)] == ["note.txt"]
+    assert not lg.pending and not (tmp_path / "pending.json").exists()
+
+
+@pytest.mark.slow
+def test_hung_server_loses_nothing(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records logged while the server is stopped (requests hang) are delivered after it continues."""
+    uri, proc = server
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    lg = MlflowLogger(uri, "exp", "hung", {}, {}, pending_file=tmp_path / "pending.json")
+    os.killpg(proc.pid, signal.SIGSTOP)
+    for step in range(1, 21):
+        lg.log({"train/loss": float(step)}, step)
+    try:
+        assert lg.pending  # a stopped server answers nothing: still queued
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+    lg.close()
+    assert _steps(uri, lg.run_id, "train/loss") == list(range(1, 21))
+    assert MlflowClient(uri).get_run(lg.run_id).info.status == "FINISHED"
+    assert not (tmp_path / "pending.json").exists()
+
+
+@pytest.mark.slow
+def test_server_gone_at_close_saves_the_queue(own_server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One warning per outage; what close() cannot deliver goes to the pending file, with its steps."""
+    uri, proc = own_server
+    lg = MlflowLogger(uri, "exp", "gone", {}, {}, pending_file=tmp_path / "pending.json")
+    lg.log({"train/loss": 0.5}, 1)
+    stop_server(proc)
+    with caplog.at_level(logging.WARNING, logger="pipeline.metrics"):
+        for step in range(2, 7):
+            lg.log({"train/loss": float(step)}, step)
+        lg.close()
+    assert sum("MLflow unreachable" in r.getMessage() for r in caplog.records) == 1
+    saved = json.loads((tmp_path / "pending.json").read_text())
+    assert saved["run_id"] == lg.run_id
+    steps = [m[2] for r in saved["records"] for m in r["args"][0]]
+    assert steps[-5:] == [2, 3, 4, 5, 6] and steps[0] in (1, 2)  # step 1 may have been delivered before the stop
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    from pipeline.metrics import MlflowLogger
+    from pipeline.preempt import Preemption
+
+    uri, out, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    lg = MlflowLogger(uri, "exp", mode, {}, {}, pending_file=out / "pending.json")
+    preemption = Preemption(timeout_s=3.0)
+    preemption.at_exit(lg.save_pending)
+    print("ready", flush=True)
+    sys.stdin.readline()  # the test stops the server meanwhile
+    for step in range(1, 6):
+        lg.log({"train/loss": float(step)}, step)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    if mode == "deadline":  # the trainer's path: close within the time the watchdog leaves
+        lg.close("KILLED", preemption.time_left() * 0.8)
+        sys.exit(0)
+    time.sleep(60)  # a rank stuck in a collective: the watchdog must end it
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["deadline", "watchdog"])
+def test_preemption_keeps_queued_records(server, tmp_path: Path, mode: str) -> None:
+    """Server hung after a preemption signal: close() gives up at the deadline, or the watchdog's exit
+    saves the queue; either way the records are in the pending file."""
+    uri, proc = server
+    child = subprocess.Popen([sys.executable, "-c", CHILD, uri, str(tmp_path), mode], cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env={**os.environ, "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"})
+    assert child.stdout.readline().strip() == "ready"
+    os.killpg(proc.pid, signal.SIGSTOP)  # requests now hang for the full 60 s timeout
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    try:
+        assert child.wait(timeout=50) == (0 if mode == "deadline" else 75)
+    finally:
+        child.kill()
+        os.killpg(proc.pid, signal.SIGCONT)
+    saved = json.loads((tmp_path / "pending.json").read_text())
+    assert [m[2] for r in saved["records"] for m in r["args"][0]] == [1, 2, 3, 4, 5]
