@@ -367,11 +367,14 @@ class EvalCfg:
 
     every_epochs: int = 1
     """Evaluate after every N epochs and at the end; 0 evaluates only at the end."""
+    every_steps: int = 0
+    """Also evaluate after every N optimizer steps (for runs whose epochs are long or few); 0 = off."""
     batch_size: int = 0
     """Per-process evaluation batch; 0 uses ``data.batch_size``."""
 
     def __post_init__(self) -> None:
         _check(self.every_epochs >= 0, "eval.every_epochs", self.every_epochs, ">= 0")
+        _check(self.every_steps >= 0, "eval.every_steps", self.every_steps, ">= 0")
         _check(self.batch_size >= 0, "eval.batch_size", self.batch_size, ">= 0")
 
 

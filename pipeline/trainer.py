@@ -255,10 +255,13 @@ class Trainer:
             t_wait = time.perf_counter()
 
     def after_step(self, meter: _Meter) -> None:
-        """Step-boundary work: metrics, periodic checkpoint, and the preemption check (all ranks)."""
+        """Step-boundary work: metrics, step-based evaluation, periodic checkpoint, the preemption check (all ranks)."""
         if self.step % self.cfg.tracking.log_every_steps == 0 or self.step == self.total_steps:
             self.metrics.log(meter.flush(max(self.scheduler.get_last_lr()), self.world_size, self.flops_per_sample,
                                          self.cfg.engine.peak_tflops), self.step)
+        every = self.cfg.eval.every_steps
+        if every and self.step % every == 0 and self.step < self.total_steps:
+            self.run_eval()  # every rank, the same steps: evaluation enters collectives
         if self.preemption.requested():
             self.save_checkpoint()
             logger.warning("preempted at step %d: checkpoint written, exiting with status %d for a requeue",
