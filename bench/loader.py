@@ -520,13 +520,18 @@ pictures = 0
 STEP_LINE = re.compile(r"step (\d+)\s+(.*)")
 
 
-def train_wait(a: argparse.Namespace, work: Path, shards: Path, backend: str, dali_device: str) -> dict[str, float]:
-    """Trains with the real trainer; returns img/s and the data-wait fraction after the first window."""
-    name = f"{backend}-{dali_device}"
+def train_wait(a: argparse.Namespace, work: Path, shards: Path, backend: str, dali_device: str,
+               extra: Iterable[str] = (), tag: str = "") -> dict[str, float]:
+    """Trains with the real trainer; returns img/s and the data-wait fraction after the first window.
+
+    ``extra`` are trainer overrides (``--engine.mixed_precision=bf16`` ...); ``tag`` tells the run apart.
+    With ``--engine.peak_tflops`` the result has ``mfu`` too (time-weighted like the wait).
+    """
+    name = f"{backend}-{dali_device}{tag}"
     path = work / f"train-{name}.toml"
     path.write_text(recipe(a, shards, backend, dali_device))
     cmd = [sys.executable, "-m", "pipeline.train", str(path), f"--run.output_dir={work / 'runs'}",
-           f"--run.name={name}-{int(time.time())}"]
+           f"--run.name={name}-{int(time.time())}", *extra]
     t0 = time.perf_counter()
     env = {**os.environ, **({"OMP_NUM_THREADS": str(a.train_threads)} if a.train_threads else {})}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -538,13 +543,15 @@ def train_wait(a: argparse.Namespace, work: Path, shards: Path, backend: str, da
         match = STEP_LINE.search(line)
         if match and "train/data_wait=" in line:
             fields = dict(kv.split("=", 1) for kv in match.group(2).split())
-            windows.append((float(fields["train/img_per_s"]), float(fields["train/data_wait"])))
+            windows.append((float(fields["train/img_per_s"]), float(fields["train/data_wait"]),
+                            float(fields.get("train/mfu", "nan"))))
     timed = windows[1:] or windows  # the first window holds worker start-up and the first DALI build
-    seconds = [a.train_batch * a.log_every / ips for ips, _ in timed]
-    wait = sum(s * w for s, (_, w) in zip(seconds, timed, strict=True)) / sum(seconds)
+    seconds = [a.train_batch * a.log_every / w[0] for w in timed]
+    wait = sum(s * w[1] for s, w in zip(seconds, timed, strict=True)) / sum(seconds)
+    mfu = sum(s * w[2] for s, w in zip(seconds, timed, strict=True)) / sum(seconds)
     ips = a.train_batch * a.log_every * len(timed) / sum(seconds)
     first = windows[0][1] if windows else float("nan")
-    return {"img_per_s": ips, "wait": wait, "first_wait": first, "windows": len(timed), "wall": wall}
+    return {"img_per_s": ips, "wait": wait, "first_wait": first, "windows": len(timed), "wall": wall, "mfu": mfu}
 
 
 def train_part(a: argparse.Namespace, work: Path, shards: Path, cuda: bool) -> None:

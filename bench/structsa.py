@@ -83,6 +83,14 @@ def _run_one(args: argparse.Namespace) -> dict:
             "peak_mib": peak}
 
 
+def _dump(path: Path | None, rows: list[dict]) -> None:
+    """Writes the rows so far (atomically) when ``--json`` is given."""
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(path)
+
+
 def main() -> None:
     """Runs every (case, path) in a subprocess and prints a table with the literal/fused ratios."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +106,7 @@ def main() -> None:
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--query-chunk", type=int, default=64, help="queries per block of the chunked literal path")
     ap.add_argument("--max-literal-gb", type=float, default=8.0)
+    ap.add_argument("--json", type=Path, help="also write every row (timed, skipped or failed) to this JSON file")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -110,6 +119,7 @@ def main() -> None:
           f"; chunked = literal, {args.query_chunk} queries per block, activation checkpointing")
     print(f"{'case':<22}{'path':<14}{'ms':>10}{'peak MiB':>11}")
     itemsize = 4 if DTYPES.get(args.dtype, args.dtype) == "float32" else 2
+    rows: list[dict] = []
     for case in args.cases.split(","):
         n = 196 if case == "image" else 196 * args.frames
         n_kv = n if args.stride == 1 else n // 4
@@ -120,15 +130,22 @@ def main() -> None:
             est = _literal_gb(args.batch * queries, n_kv, 320, args.struct_dim, itemsize)
             if path != "fused" and est > args.max_literal_gb:
                 print(f"{label:<22}{path:<14}  skipped: needs ≈ {est:.0f} GB > --max-literal-gb {args.max_literal_gb}")
+                rows.append({"case": case, "path": path, "tokens": n, "skipped": f"needs ≈ {est:.0f} GB"})
+                _dump(args.json, rows)
                 continue
             cmd = [sys.executable, __file__, "--case", case, "--path", path] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k not in ("case", "path", "cases", "paths") and v is not None]
+                if k not in ("case", "path", "cases", "paths", "json") and v is not None]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:  # e.g. -9: killed for memory
                 print(f"{label:<22}{path:<14}  failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
+                rows.append({"case": case, "path": path, "tokens": n, "failed": f"exit {out.returncode}: "
+                             f"{out.stderr.strip().splitlines()[-1:]}"})
+                _dump(args.json, rows)
                 continue
             r = res[path] = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(r)
+            _dump(args.json, rows)
             print(f"{label:<22}{path:<14}{r['ms']:>10.1f}{r['peak_mib']:>11.0f}", flush=True)
         for num, den in (("literal", "fused"), ("chunked", "fused"), ("chunked", "literal")):
             if num in res and den in res:

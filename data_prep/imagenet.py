@@ -21,21 +21,24 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from data_prep.errors import PrepError
+from data_prep.format import reason_group
 from data_prep.images import ImageOptions
 from data_prep.plan import Plan, order_samples
 from data_prep.scan import Sample, _relative_source, is_image_file, list_class_dirs, scan_imagefolder
+from data_prep.walk import TreeWalker
 
 logger = logging.getLogger(__name__)
 
 SOLUTION_CSV = "LOC_val_solution.csv"
 DEVKIT_DIR = "ILSVRC2012_devkit_t12"
 SYNSET_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
-_NOT_IMAGE = "no image extension (.jpeg/.jpg/.png) or outside class folders"
+_NOT_IMAGE = "no image extension (.jpeg/.jpg/.png/.tif/.tiff) or outside class folders"
 
 
 def read_synset_names(path: Path) -> dict[str, str]:
@@ -81,8 +84,8 @@ def read_devkit_labels(devkit: Path, files: Sequence[Path]) -> dict[str, str]:
 
 
 def _flat_val(src: Path, val_dir: Path, classes: list[str], val_solution: Path | None, devkit: Path | None,
-              ignored: list[tuple[str, str]]) -> list[Sample]:
-    files = sorted(p for p in val_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+              ignored: list[tuple[str, str]], walker: TreeWalker) -> list[Sample]:
+    files = walker.stray_files(val_dir)  # regular files only, each real file once; the rest is rejected
     images = [p for p in files if is_image_file(p)]
     ignored.extend((_relative_source(p, src), _NOT_IMAGE) for p in files if not is_image_file(p))
     val_solution = val_solution or (src / SOLUTION_CSV if (src / SOLUTION_CSV).is_file() else None)
@@ -107,6 +110,15 @@ def _flat_val(src: Path, val_dir: Path, classes: list[str], val_solution: Path |
             continue
         samples.append(Sample(p, index[wnid], wnid, _relative_source(p, src)))
     return samples
+
+
+def _log_rejected(src: Path, ignored: dict[str, list[tuple[str, str]]]) -> None:
+    """One warning per kind of entry the walk did not list (loops, second names, FIFOs ...)."""
+    groups = Counter(reason_group(r) for items in ignored.values() for _, r in items)
+    for group, n in sorted(groups.items()):
+        example = next((s, r) for items in ignored.values() for s, r in items if reason_group(r) == group)
+        logger.warning("%s: %d entr%s quarantined as %r, e.g. %s: %s", src, n, "y" if n == 1 else "ies", group,
+                       *example)
 
 
 def _has_class_folders(split_dir: Path) -> bool:
@@ -166,7 +178,9 @@ def build_image_plan(
         raise PrepError(f"{src}: no such directory (expected {src}/train/<class-id>/*.JPEG)")
     ignored: dict[str, list[tuple[str, str]]] = {s: [] for s in splits}
     left_out: dict[str, list[str]] = {s: [] for s in splits}
-    classes, train = scan_imagefolder(src / "train", root=src, ignored=left_out["train"])
+    walker = TreeWalker(src)  # one walk of the tree: a file reached twice (even from two splits) is listed once
+    classes, train = scan_imagefolder(src / "train", root=src, ignored=left_out["train"], walker=walker)
+    ignored["train"].extend(walker.take())
     found = {"train": train}
     for split in splits:
         split_dir = src / split
@@ -176,9 +190,12 @@ def build_image_plan(
             logger.info("%s: no %r split, skipping it", src, split)
             continue
         if _has_class_folders(split_dir):
-            found[split] = scan_imagefolder(split_dir, classes=classes, root=src, ignored=left_out[split])[1]
+            found[split] = scan_imagefolder(split_dir, classes=classes, root=src, ignored=left_out[split],
+                                            walker=walker)[1]
         else:
-            found[split] = _flat_val(src, split_dir, classes, val_solution, devkit, ignored[split])
+            found[split] = _flat_val(src, split_dir, classes, val_solution, devkit, ignored[split], walker)
+        ignored[split].extend(walker.take())
+    _log_rejected(src, ignored)
     options: dict[str, Any] = {"seed": seed, "resize": opts.resize, "quality": opts.quality,
                                "decode_check": opts.decode_check, "max_pixels": opts.max_pixels}
     return Plan(

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from data_prep.format import JPG
+from data_prep.format import JPG, PNG
+from data_prep.loading import DEFAULT_READ_TIMEOUT_S
+from data_prep.pixels import GREY_MODES, PLAIN_MODES, exif_orientation, is_plain, png_bit_depth, to_8bit, upright
 from data_prep.probe import ImageInfo, ProbeError, open_image
 
 #: PIL's own default limit (about 89.5 MP); larger images are quarantined as decompression bombs.
@@ -80,12 +82,15 @@ class ImageOptions:
             as-is at reduced scale, see the module docstring); False checks the header only, which is
             faster but lets truncated files through.
         max_pixels: Images with more pixels are quarantined without being decoded.
+        read_timeout_s: Seconds a source read may block (a hung network file system) before the input
+            is quarantined as ``read timeout``; 0 waits for ever. Not part of the shard digests.
     """
 
     resize: int | None = None
     quality: int = 90
     decode_check: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 
 
 def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
@@ -94,11 +99,15 @@ def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _resized(img: Image.Image, short: int) -> Image.Image:
+def _resized(img: Image.Image, short: int, bits: int | None, notes: list[str]) -> Image.Image:
     w, h = img.size
     scale = short / min(w, h)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     img.draft("RGB", size)  # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale first (much faster)
+    if img.mode not in PLAIN_MODES and img.mode != "CMYK":
+        img.load()
+        img, converted = to_8bit(img, bits)  # 16-bit, palette, alpha ...: scaled, never clipped by convert("RGB")
+        notes.extend(converted)
     return img.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
@@ -154,24 +163,59 @@ def _check_and_encode(img: Image.Image, info: ImageInfo, data: bytes, name: str,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size was checked above
         try:
-            mode = img.mode
-            cmyk = mode == "CMYK"  # CMYK and YCCK JPEGs both open as CMYK in PIL
-            resize = opts.resize is not None and min(img.size) > opts.resize
-            if mode in ("L", "LA", "1", "I;16"):
-                notes.append("grayscale")
-            if resize:
-                out = _resized(img, opts.resize)
-                notes.append(f"resized to short side {opts.resize}")
-                if cmyk:
-                    notes.append("cmyk->rgb")
-                payload = _encode_jpeg(out, opts.quality)
-                return Encoded([(JPG, payload)], "jpeg", out.width, out.height, note="; ".join(notes))
-            if cmyk:
-                notes.append("cmyk->rgb")
-                payload = _encode_jpeg(img.convert("RGB"), max(opts.quality, 95))
-                return Encoded([(JPG, payload)], "jpeg", info.width, info.height, note="; ".join(notes))
-            if opts.decode_check or opts.resize is not None:
-                check_decodes(img)  # stored as-is: only whether it decodes matters
+            return _encode(img, info, data, notes, opts)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise Quarantine(f"truncated or corrupt image data: {exc}") from exc
+
+
+def _encode(img: Image.Image, info: ImageInfo, data: bytes, notes: list[str], opts: ImageOptions) -> Encoded:
+    """Store as-is, or decode, convert (:mod:`data_prep.pixels`), turn upright and re-encode."""
+    mode, tiff = img.mode, img.format == "TIFF"
+    jpeg = info.format == "jpeg" and not tiff
+    cmyk = mode == "CMYK"  # CMYK and YCCK JPEGs both open as CMYK in PIL
+    bits = png_bit_depth(data)
+    orientation = exif_orientation(img)  # JPEG, TIFF: from the header; PNG: its eXIf chunk (checked again below)
+    if mode in GREY_MODES:
+        notes.append("grayscale")
+    if opts.resize is not None and min(img.size) > opts.resize:
+        converted: list[str] = []
+        out = _resized(img, opts.resize, bits, converted)
+        notes.append(f"resized to short side {opts.resize}")
+        notes.extend(converted)
+        if cmyk:
+            notes.append("cmyk->rgb")
+        return _jpeg_payload(out, orientation, opts.quality, notes)
+    if jpeg and (cmyk or orientation != 1):
+        if cmyk:
+            notes.append("cmyk->rgb")
+        return _jpeg_payload(img.convert("RGB") if cmyk else img, orientation, max(opts.quality, 95), notes)
+    if tiff or not is_plain(img, bits) or orientation != 1:
+        return _png_payload(img, bits, orientation, notes, tiff)
+    if opts.decode_check or opts.resize is not None:
+        check_decodes(img)  # stored as-is: only whether it decodes matters
+        if not jpeg and exif_orientation(img) != 1:  # a PNG's eXIf chunk may follow its pixel data
+            return _png_payload(img, bits, exif_orientation(img), notes, tiff)
     return Encoded([(info.ext, data)], info.format, info.width, info.height, note="; ".join(notes))
+
+
+def _jpeg_payload(img: Image.Image, orientation: int, quality: int, notes: list[str]) -> Encoded:
+    """Turn a decoded 8-bit image upright and encode it as JPEG (no EXIF is written)."""
+    if orientation != 1:
+        img = upright(img, orientation)
+        notes.append(f"exif-rotated ({orientation})")
+    return Encoded([(JPG, _encode_jpeg(img, quality))], "jpeg", img.width, img.height, note="; ".join(notes))
+
+
+def _png_payload(img: Image.Image, bits: int | None, orientation: int, notes: list[str], tiff: bool) -> Encoded:
+    """Decode a lossless source, convert it to 8-bit L/RGB, turn it upright and encode it as PNG."""
+    img.load()
+    out, converted = to_8bit(img, bits)
+    notes.extend(converted)
+    if tiff:
+        notes.append("tiff->png")
+    if orientation != 1:
+        out = upright(out, orientation)
+        notes.append(f"exif-rotated ({orientation})")
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return Encoded([(PNG, buf.getvalue())], "png", out.width, out.height, note="; ".join(notes))

@@ -16,6 +16,7 @@ _FORMATS: dict[str, tuple[str, str]] = {
     "JPEG": (JPG, "jpeg"),
     "MPO": (JPG, "jpeg"),
     "PNG": (PNG, "png"),
+    "TIFF": (PNG, "png"),  # always decoded and stored as PNG (data_prep.pixels)
 }
 _ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -87,7 +88,7 @@ def open_image(data: bytes) -> tuple[Image.Image, ImageInfo]:
     if pil_format not in _FORMATS or width <= 0 or height <= 0:
         img.close()
         if pil_format not in _FORMATS:
-            raise ProbeError(f"unsupported image format {pil_format} (only JPEG and PNG are accepted)")
+            raise ProbeError(f"unsupported image format {pil_format} (only JPEG, PNG and TIFF are accepted)")
         raise ProbeError(f"invalid image size {width}x{height}")
     ext, fmt = _FORMATS[pil_format]
     return img, ImageInfo(ext=ext, format=fmt, width=int(width), height=int(height))

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.errors import PrepError
+from data_prep.walk import TreeWalker
 
 logger = logging.getLogger(__name__)
 
-#: Accepted image file extensions, compared case-insensitively.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
+#: Accepted image file extensions, compared case-insensitively (TIFF is converted to PNG).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff"})
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,6 @@ def list_class_dirs(split_dir: Path) -> list[str]:
     return classes
 
 
-def _walk_files(class_dir: Path) -> list[Path]:
-    """Return every regular file below ``class_dir`` (recursively, following links), sorted by path."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames.sort()
-        found.extend(Path(dirpath) / name for name in filenames)
-    return sorted(found)
-
-
 def is_image_file(path: Path) -> bool:
     """Return True if ``path`` has an accepted image extension (case-insensitive)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS
@@ -88,28 +80,28 @@ def _relative_source(path: Path, root: Path) -> str:
         return path.resolve().as_posix()
 
 
-def _stray_files(split_dir: Path) -> list[Path]:
-    """Return the regular files lying directly in ``split_dir`` (outside any class folder), sorted."""
-    return sorted(Path(e.path) for e in os.scandir(split_dir) if e.is_file() and not e.name.startswith("."))
-
-
 def scan_imagefolder(
     split_dir: Path,
     classes: Sequence[str] | None = None,
     root: Path | None = None,
     ignored: list[str] | None = None,
+    walker: TreeWalker | None = None,
 ) -> tuple[list[str], list[Sample]]:
     """Scan an ImageFolder split directory.
 
     Args:
         split_dir: Directory laid out as ``<split_dir>/<class_id>/<file>``. Files with extensions other
-            than .jpg/.jpeg/.png (any case) are skipped, counted and reported in a warning.
+            than .jpg/.jpeg/.png/.tif/.tiff (any case) are skipped, counted and reported in a warning.
         classes: Class list that defines the labels (e.g. the train classes when scanning val). When
             None, the sorted class folders of ``split_dir`` are used.
         root: Directory that ``Sample.source`` paths are relative to; defaults to ``split_dir.parent``
             so sources look like ``"train/<class_id>/<file>"``.
         ignored: When given, the sources of files left out (no image extension, or outside class
             folders) are appended to it, so the caller can quarantine them instead of losing them.
+        walker: The walk of the whole source tree (one per tree, shared by its splits, so that a file
+            reached under two names is listed once); entries it rejects (symlink loops, second names of
+            a file, FIFOs, devices, sockets) are in ``walker.rejected``. None: a walk of this split only,
+            whose rejections are logged.
 
     Returns:
         ``(classes, samples)``: the class list that defines the labels, and the samples sorted by
@@ -131,10 +123,12 @@ def scan_imagefolder(
             f"e.g. {unknown[0]!r}; val classes must be a subset of train classes"
         )
     samples: list[Sample] = []
-    stray = _stray_files(split_dir)
-    left_out = [_relative_source(p, root) for p in stray]
+    own_walker = walker is None
+    walker = TreeWalker(root) if walker is None else walker
+    walker.reserve(split_dir / name for name in folders)
+    left_out = [_relative_source(p, root) for p in walker.stray_files(split_dir)]
     for name in sorted(folders, key=index.__getitem__):
-        files = _walk_files(split_dir / name)
+        files = walker.files(split_dir / name)
         images = [p for p in files if is_image_file(p)]
         left_out.extend(_relative_source(p, root) for p in files if not is_image_file(p))
         if not images:
@@ -147,6 +141,9 @@ def scan_imagefolder(
         )
         if ignored is not None:
             ignored.extend(left_out)
+    if own_walker and walker.rejected:
+        logger.warning("%s: %d entries not listed (symlink loops, second names of a file, non-regular files), "
+                       "e.g. %s: %s", split_dir, len(walker.rejected), *walker.rejected[0])
     if not samples:
         raise PrepError(f"{split_dir}: no image files (.jpg/.jpeg/.png) found in its class folders")
     logger.info("%s: %d images in %d class folders", split_dir, len(samples), len(folders))

@@ -61,12 +61,13 @@ from data_prep.format import (
     sidecar_name,
 )
 from data_prep.images import Encoded, ImageOptions, Quarantine, process_image
-from data_prep.loading import ordered_map
+from data_prep.loading import SourceError, check_regular, ordered_map, read_source
 from data_prep.manifest import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, ManifestRow, rows_to_table, write_table_atomic
 from data_prep.plan import Plan, ShardTask, check_split_name, order_samples, task_range
 from data_prep.planfile import PARTS_DIR, PLAN_JSON, read_slice, write_plan
 from data_prep.scan import Sample
 from data_prep.tarwrite import TarShardWriter
+from data_prep.verify import check_shard_files
 from data_prep.video import VideoOptions
 
 logger = logging.getLogger(__name__)
@@ -122,15 +123,13 @@ def encode_sample(sample: Sample, opts: ImageOptions | VideoOptions) -> Encoded 
         if isinstance(opts, VideoOptions):
             from data_prep.video import reencode_video
 
-            if not sample.path.is_file():
-                return "file not found"
+            reason = check_regular(sample.path)  # stat only: a FIFO or device is never opened
+            if reason is not None:
+                return reason
             return reencode_video(sample.path, sample.start, sample.end, opts)
-        try:
-            data = sample.path.read_bytes()
-        except OSError as exc:
-            return f"cannot read file: {exc.strerror or type(exc).__name__}"
+        data = read_source(sample.path, opts.read_timeout_s)  # stat first, then a timed read
         return process_image(data, sample.path.name, opts)
-    except Quarantine as exc:
+    except (Quarantine, SourceError) as exc:
         return str(exc)
 
 
@@ -387,6 +386,9 @@ def _remove_stale(split_dir: Path, split: str, keep: set[str]) -> None:
 def merge(out: Path) -> DatasetInfo:
     """Check that every planned shard is complete, then write the manifests and ``dataset.json``.
 
+    Every shard's tar and index are checked against its sidecar (existence, size, the index's own
+    consistency: :func:`data_prep.verify.check_shard_files`) before ``dataset.json`` is written.
+
     Args:
         out: Output root written by one or more :func:`run_plan` tasks.
 
@@ -395,6 +397,7 @@ def merge(out: Path) -> DatasetInfo:
 
     Raises:
         PrepError: If the plan record is missing, a shard is missing or was written for other inputs,
+            a shard's tar or index is missing or disagrees with its sidecar (named; no ``dataset.json``),
             or the quarantined fraction exceeds the run's ``max_failure_rate`` (the quarantine manifest
             is written first, so it can be inspected).
     """
@@ -403,8 +406,10 @@ def merge(out: Path) -> DatasetInfo:
     if not plan_path.is_file():
         raise PrepError(f"{out}: no {PARTS_DIR}/{PLAN_JSON}; run a `vitpipe prep <source>` task first")
     plan = json.loads(plan_path.read_text())
+    (out / DATASET_JSON).unlink(missing_ok=True)  # it marks a complete data set: gone until this merge succeeds
     settings: Settings = plan.get("settings", {})
     missing: list[str] = []
+    damaged: list[str] = []  # tar or index not what the sidecar records
     splits: dict[str, SplitInfo] = {}
     tables: dict[str, pa.Table] = {}
     quarantine: list[dict[str, Any]] = []
@@ -419,8 +424,14 @@ def merge(out: Path) -> DatasetInfo:
             quarantine.extend({"split": split, "key": k, "source": s, "reason": r} for k, s, r in record["quarantined"])
             if record["num_samples"]:
                 name = shard_name(split, index)
+                table = pq.read_table(side)
+                problem = check_shard_files(out / split / name, out / split / index_name(name), record["num_samples"],
+                                            record["bytes"], table.column("offset").to_pylist())
+                if problem is not None:
+                    damaged.append(problem)
+                    continue
                 shards.append(ShardInfo(name, record["num_samples"], index_name(name), record["bytes"]))
-                parts.append(pq.read_table(side).replace_schema_metadata(MANIFEST_SCHEMA.metadata))
+                parts.append(table.replace_schema_metadata(MANIFEST_SCHEMA.metadata))
         quarantine.extend({"split": split, "key": None, "source": s, "reason": r} for s, r in sp["prequarantined"])
         written = sum(s.num_samples for s in shards)
         splits[split] = SplitInfo(written, tuple(shards), manifest_name(split), sp["inputs"], sp["inputs"] - written)
@@ -429,11 +440,14 @@ def merge(out: Path) -> DatasetInfo:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise PrepError(f"{out}: {len(missing)} planned shard(s) missing or incomplete: {shown}; "
                         "re-run the prep task(s) that own them (finished shards are kept)")
+    if damaged:
+        more = f" (and {len(damaged) - 1} more damaged shard(s))" if len(damaged) > 1 else ""
+        raise PrepError(f"{damaged[0]}{more}; delete the damaged shard's files (.tar, .idx, .parquet) and re-run "
+                        "the prep task that owns it")
     inputs = sum(s.inputs for s in splits.values())
     written = sum(s.num_samples for s in splits.values())
     if written + len(quarantine) != inputs:  # every input is either written or quarantined
         raise PrepError(f"{out}: counts do not reconcile: {inputs} inputs != {written} written + {len(quarantine)}")
-    (out / DATASET_JSON).unlink(missing_ok=True)
     write_table_atomic(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), out / QUARANTINE_MANIFEST)
     for split, sp in splits.items():
         write_table_atomic(tables[split], out / sp.manifest)

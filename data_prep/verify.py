@@ -24,6 +24,7 @@ from data_prep.format import (
     decode_lbl,
     format_index,
     load_dataset_info,
+    read_index,
 )
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,51 @@ def _read_tar(path: Path) -> list[tuple[str, list[tuple[ComponentLocation, str]]
                 samples.append((key, []))
             samples[-1][1].append((ComponentLocation(ext, m.offset_data, m.size), m.name))
     return samples
+
+
+def check_shard_files(tar_path: Path, idx_path: Path, num_samples: int, tar_bytes: int,
+                      offsets: list[int]) -> str | None:
+    """Checks a written shard's tar and DALI index against its sidecar record, without reading the tar.
+
+    A stat of the tar and a read of the (small) index: the tar exists with the size the sidecar records;
+    the index parses, lists ``num_samples`` samples whose components lie inside the tar, in order, and
+    whose media start at the sidecar rows' offsets.
+
+    Args:
+        tar_path: The shard.
+        idx_path: Its DALI index.
+        num_samples: Samples the sidecar records.
+        tar_bytes: Tar size the sidecar records.
+        offsets: Media offset of each sidecar row, tar order.
+
+    Returns:
+        What is wrong, one line naming the file, or None when the shard is consistent.
+    """
+    try:
+        size = tar_path.stat().st_size
+    except OSError as exc:
+        return f"{tar_path}: shard missing ({exc.strerror})"
+    if size != tar_bytes:
+        what = "truncated" if size < tar_bytes else "extra data"
+        return f"{tar_path}: {size} bytes, its sidecar records {tar_bytes} ({what})"
+    if not idx_path.is_file():
+        return f"{idx_path}: index missing"
+    try:
+        index = read_index(idx_path)
+    except FormatError as exc:
+        return str(exc)
+    if len(index) != num_samples:
+        return f"{idx_path}: lists {len(index)} samples, the sidecar records {num_samples}"
+    last = 0
+    for i, sample in enumerate(index):
+        spans = sorted(sample.values())
+        if not spans or spans[0][0] < last or any(off + n > size for off, n in spans):
+            return f"{idx_path}: sample {i}'s components are out of order or outside the tar"
+        last = spans[-1][0] + spans[-1][1]
+        media = [off for ext, (off, _) in sample.items() if ext not in NON_MEDIA]
+        if i < len(offsets) and (not media or min(media) != offsets[i]):
+            return f"{idx_path}: sample {i}'s media offset differs from the sidecar manifest"
+    return None
 
 
 def _decode(fmt: str, payload: list[bytes]) -> str | None:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from data_prep.errors import PrepError
+from data_prep.loading import check_regular
 from data_prep.plan import Plan, order_samples
 from data_prep.scan import Sample
+from data_prep.walk import TreeWalker
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +28,32 @@ _MISSING = "video file not found"
 KINETICS_SPLITS = {"train": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
 
 
-def _index_videos(root: Path) -> dict[str, Path]:
-    """Map file stem -> path for every video file below ``root`` (first in sorted order wins)."""
+def _walk_order(path: Path, root: Path) -> tuple[tuple[int, str], ...]:
+    """Sort key of ``os.walk``'s top-down order: a folder's own files before its sub-folders'."""
+    parts = path.relative_to(root).parts
+    return (*((1, d) for d in parts[:-1]), (0, parts[-1]))
+
+
+def _index_videos(root: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Map file stem -> path for every video file below ``root`` (first in walk order wins).
+
+    The tree is walked safely (:class:`~data_prep.walk.TreeWalker`): each real file once, symlink loops
+    not followed, FIFOs and devices not opened. Returns the index and, for video-named entries that
+    were not listed, stem -> the reason (what an annotation row naming that stem is quarantined with).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise PrepError(f"no such directory: {root} (the videos folder)")
+    walker = TreeWalker(root)
     found: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if p.suffix.lower() in VIDEO_EXTENSIONS:
-                found.setdefault(p.stem, p)
-    return found
+    for p in sorted(walker.files(root), key=lambda p: _walk_order(p, root)):
+        if p.suffix.lower() in VIDEO_EXTENSIONS:
+            found.setdefault(p.stem, p)
+    rejected = {Path(src).stem: why for src, why in walker.rejected if Path(src).suffix.lower() in VIDEO_EXTENSIONS}
+    if walker.rejected:
+        logger.warning("%s: %d entries not listed (symlink loops, second names of a file, non-regular files), "
+                       "e.g. %s: %s", root, len(walker.rejected), *walker.rejected[0])
+    return found, rejected
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -65,7 +82,7 @@ def scan_kinetics(annotations: Sequence[Path], videos: Path, *, shard_size: int,
     clip is used. With ``full_videos`` the files are the uncut videos ``<youtube_id>.<ext>`` and the
     window ``[time_start, time_end)`` is cut out. Classes: sorted label names of the train rows.
     """
-    index = _index_videos(videos)
+    index, rejected = _index_videos(videos)
     rows = []
     for path in annotations:
         with open(path, newline="", encoding="utf-8") as f:
@@ -88,7 +105,8 @@ def scan_kinetics(annotations: Sequence[Path], videos: Path, *, shard_size: int,
         path = index.get(r["youtube_id"] if full_videos else stem)
         splits.setdefault(split, [])
         if path is None or r["label"] not in cid:
-            why = _MISSING if path is None else f"label {r['label']!r} is not a train class"
+            why = (rejected.get(r["youtube_id"] if full_videos else stem, _MISSING) if path is None
+                   else f"label {r['label']!r} is not a train class")
             missing.setdefault(split, []).append((stem, why))
             continue
         window = (start, end) if full_videos else (None, None)
@@ -114,7 +132,7 @@ def scan_ssv2(labels: Path, split_files: dict[str, Path], videos: Path, *, shard
     if [int(v) for v in sorted(mapping.values(), key=int)] != list(range(len(classes))):
         raise PrepError(f"{labels}: class indices are not 0..{len(classes) - 1}")
     cid = {c: i for i, c in enumerate(classes)}
-    index = _index_videos(videos)
+    index, rejected = _index_videos(videos)
     splits: dict[str, list[Sample]] = {}
     missing: dict[str, list[tuple[str, str]]] = {}
     for split, path in split_files.items():
@@ -123,8 +141,8 @@ def scan_ssv2(labels: Path, split_files: dict[str, Path], videos: Path, *, shard
             name = _ssv2_class(entry["template"])
             video = index.get(str(entry["id"]))
             if video is None or name not in cid:
-                missing.setdefault(split, []).append((str(entry["id"]), _MISSING if video is None
-                                                      else f"template {name!r} not in {labels.name}"))
+                missing.setdefault(split, []).append((str(entry["id"]), rejected.get(str(entry["id"]), _MISSING)
+                                                      if video is None else f"template {name!r} not in {labels.name}"))
                 continue
             splits[split].append(Sample(video, cid[name], name, _rel(video, videos)))
     return _plan(classes, splits, missing, shard_size, seed, options)
@@ -145,7 +163,7 @@ def scan_diving48(split_files: dict[str, Path], videos: Path, *, shard_size: int
         num = max(num, len(words))
         names = [" / ".join(w) if isinstance(w, list) else str(w) for w in words]
     classes = [f"{i:02d}" for i in range(num)]
-    index = _index_videos(videos)
+    index, rejected = _index_videos(videos)
     splits: dict[str, list[Sample]] = {}
     missing: dict[str, list[tuple[str, str]]] = {}
     for split, es in entries.items():
@@ -153,7 +171,7 @@ def scan_diving48(split_files: dict[str, Path], videos: Path, *, shard_size: int
         for e in es:
             video = index.get(e["vid_name"])
             if video is None:
-                missing.setdefault(split, []).append((e["vid_name"], _MISSING))
+                missing.setdefault(split, []).append((e["vid_name"], rejected.get(e["vid_name"], _MISSING)))
                 continue
             label = int(e["label"])
             splits[split].append(Sample(video, label, classes[label], _rel(video, videos)))
@@ -168,6 +186,8 @@ def scan_videolist(lists: dict[str, Path], root: Path, *, shard_size: int, seed:
     ``label`` is the integer class index, ``start``/``end`` an optional window in seconds. Class names
     come from ``class_file`` (one per line, line i = class i) when given, else ids are ``"0"``, ``"1"``...
     """
+    if not Path(root).is_dir():
+        raise PrepError(f"no such directory: {root} (the videos root)")
     parsed: dict[str, list[tuple[str, int, float | None, float | None]]] = {}
     for split, path in lists.items():
         parsed[split] = []
@@ -195,8 +215,9 @@ def scan_videolist(lists: dict[str, Path], root: Path, *, shard_size: int, seed:
         splits[split] = []
         for rel, label, start, end in rows:
             video = root / rel
-            if not video.is_file():
-                missing.setdefault(split, []).append((rel, _MISSING))
+            why = check_regular(video)  # stat only: a FIFO or device named in a list is never opened
+            if why is not None:
+                missing.setdefault(split, []).append((rel, _MISSING if why == "file not found" else why))
                 continue
             splits[split].append(Sample(video, label, classes[label], rel, start, end))
     return _plan(classes, splits, missing, shard_size, seed, options, names)

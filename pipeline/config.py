@@ -221,6 +221,17 @@ class DataCfg:
     """Probability of mixing a batch at all when mixup or cutmix is on."""
     mixup_switch_prob: float = 0.5
     """Probability of CutMix rather than mixup when both are on."""
+    on_bad_shard: Literal["error", "skip"] = "error"
+    """A shard that is missing, whose size differs from ``dataset.json``, or whose samples cannot be read as
+    listed (truncated, extra members): ``error`` stops training (and evaluation) with one line naming it;
+    ``skip`` leaves it out with a warning, counted in the metric ``data/bad_shards``. ``vitpipe eval`` is
+    always strict."""
+    max_skip_fraction: float = 0.1
+    """Samples that fail to decode are skipped (warnings rate-limited, counted in ``data/skipped_samples``);
+    more than this fraction of a ``skip_window`` stops training with one line (a data set that does not
+    decode never spins)."""
+    skip_window: int = 1000
+    """Samples per window of ``max_skip_fraction`` (counted per reading process)."""
     video: VideoCfg = field(default_factory=lambda: VideoCfg())
     """Video data sets: clip sampling and evaluation views (the ``[data.video]`` table). The crop size,
     crop scale/ratio, flip and normalisation of clips are the keys above (``img_size``, ``crop_scale``,
@@ -234,6 +245,9 @@ class DataCfg:
         _check(self.sampler in ("exact", "stream"), "data.sampler", self.sampler, "one of 'exact', 'stream'")
         _check(self.shuffle_shards >= 1, "data.shuffle_shards", self.shuffle_shards, ">= 1")
         _check(self.max_open_files >= 1, "data.max_open_files", self.max_open_files, ">= 1")
+        _check(self.on_bad_shard in ("error", "skip"), "data.on_bad_shard", self.on_bad_shard, "'error' or 'skip'")
+        _check(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction", self.max_skip_fraction, "in [0, 1]")
+        _check(self.skip_window >= 1, "data.skip_window", self.skip_window, ">= 1")
         lo, hi = self.crop_scale
         _check(0 < lo <= hi <= 1, "data.crop_scale", self.crop_scale, "0 < min <= max <= 1")
         _check(0 < self.crop_ratio[0] <= self.crop_ratio[1], "data.crop_ratio", self.crop_ratio,
@@ -410,10 +424,16 @@ class TrackingCfg:
     log_every_steps: int = 10
     """Log training metrics every N optimizer steps."""
     system_metrics_s: float = 10.0
-    """Sampling interval of MLflow's system metrics (CPU, memory, disk, network, GPU); 0 turns them off."""
+    """Sampling interval of the system metrics (``system/…``: CPU, memory, disk, network, GPU, from MLflow's
+    monitors); sampled by the tracking logger's own thread and queued like every record, so they go on
+    through a tracking outage and are delivered after it; 0 turns them off."""
     pictures: int = 2
-    """Validation images drawn with the model's own visualisation (StructViT attention, FilterViT masks)
-    at every evaluation and logged as artifacts; 0 turns it off. Models without pictures log none."""
+    """Validation inputs drawn with the model's own visualisation (StructViT attention, image or video;
+    FilterViT masks) at every evaluation and logged to MLflow's image panel as ``pictures/sample<i>``, one
+    image per step; 0 turns it off. Models without pictures log none (one info line says why)."""
+    register_model: bool = False
+    """Register the final export as a new version of the registered model ``<experiment>-<model.name>`` in
+    MLflow's model registry (the tracking store's), with the export's facts as version tags."""
 
     def __post_init__(self) -> None:
         _check(self.log_every_steps >= 1, "tracking.log_every_steps", self.log_every_steps, ">= 1")

@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 from safetensors.torch import load_file
 
 from data_prep.format import atomic_write_bytes
+from pipeline.checkpoint import file_digest, verify_files
 from pipeline.config import ConfigError, EngineCfg
 from pipeline.dist import broadcast_object, free_port, world_info_from_env
 
@@ -48,6 +51,41 @@ logger = logging.getLogger(__name__)
 DEEPSPEED = "deepspeed"
 MODEL_DIR = "pytorch_model"  # the folder accelerate's save_state gives DeepSpeed's checkpoint
 _EMPTY = torch.empty(0)
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+SAFE_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                ("deepspeed.utils.tensor_fragment", "fragment_address"))
+"""The classes DeepSpeed's checkpoint files hold besides tensors and containers (plain data: an enum,
+a dataclass of two ints, the loss scaler's numbers); allowed to torch's ``weights_only`` unpickler."""
+_CONVERT = ("import importlib, torch; torch.serialization.add_safe_globals([getattr(importlib.import_module(m), n) "
+            "for m, n in {globals}]); from deepspeed.checkpoint import ds_to_universal as c; "
+            "c.main(c.parse_arguments())")
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within the block every ``torch.load`` of this process uses torch's ``weights_only`` unpickler.
+
+    accelerate and DeepSpeed load their files with ``torch.load`` and DeepSpeed passes
+    ``weights_only=False``; torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that at every call, and
+    :data:`SAFE_GLOBALS` are allowed. A file holding anything else (a planted object whose
+    ``__reduce__`` runs code) fails to load instead of running.
+    """
+    allowed = [getattr(importlib.import_module(m), n) for m, n in SAFE_GLOBALS] if _deepspeed_loaded() else []
+    before = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = before
+
+
+def _deepspeed_loaded() -> bool:
+    return "deepspeed" in sys.modules
 
 
 def deepspeed_config(cfg: EngineCfg, micro_batch: int, clip_grad: float) -> dict[str, Any]:
@@ -261,10 +299,12 @@ def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
     elif any((ckpt_dir / MODEL_DIR).glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=MODEL_DIR)
+        with weights_only_loads():  # zero_to_fp32 asks for weights_only=False
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=MODEL_DIR)
     elif (ckpt_dir / MODEL_DIR / "mp_rank_00_model_states.pt").is_file():
-        state = torch.load(ckpt_dir / MODEL_DIR / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=False)
+        with weights_only_loads():
+            state = torch.load(ckpt_dir / MODEL_DIR / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=True)
         weights = state["module"]
     else:
         return None
@@ -325,6 +365,16 @@ def _wait_for_conversion(outcome: Path, poll_s: float = 0.2) -> Path:
     return Path(result["view"])
 
 
+def _intact(converted: Path, manifest: Path) -> bool:
+    """Whether an earlier universal conversion is whole: every file with its recorded size and SHA-256."""
+    try:
+        files = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    present = {str(p.relative_to(converted)) for p in converted.rglob("*") if p.is_file()}
+    return isinstance(files, dict) and present == set(files) and not verify_files(converted, files)
+
+
 def _universal_view(step_dir: Path, workers: int = 1) -> Path:
     """A view of a DeepSpeed checkpoint that loads on any number of processes (DeepSpeed universal format).
 
@@ -343,25 +393,32 @@ def _universal_view(step_dir: Path, workers: int = 1) -> Path:
     Returns:
         The view directory, to pass to ``Accelerator.load_state``.
     """
-    converted = step_dir / "universal"
+    converted, manifest = step_dir / "universal", step_dir / "universal.sha256.json"
+    if converted.is_dir() and not _intact(converted, manifest):
+        logger.warning("%s does not match %s: converting again", converted, manifest.name)
+        shutil.rmtree(converted)
     if not converted.is_dir():
         tmp = step_dir / f".universal.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+        # DeepSpeed's converter unpickles with weights_only=False: run it under the weights-only unpickler.
+        cmd = [sys.executable, "-c", _CONVERT.format(globals=repr(SAFE_GLOBALS)), "--input_folder",
                str(step_dir / MODEL_DIR), "--output_folder", str(tmp), "--inject_missing_state",
                "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
         logger.info("converting %s to DeepSpeed's universal format with %d worker processes per phase "
                     "(the cores available to this process)", step_dir, workers)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, _FORCE_WEIGHTS_ONLY: "1"})
         if proc.returncode:
             raise RuntimeError(f"converting {step_dir} to DeepSpeed's universal format failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, converted)
+        files = {str(p.relative_to(converted)): {"size": p.stat().st_size, "sha256": file_digest(p)}
+                 for p in sorted(converted.rglob("*")) if p.is_file()}
+        atomic_write_bytes(manifest, json.dumps(files, indent=1).encode())
         logger.info("converted %s to DeepSpeed's universal checkpoint format", step_dir)
     view = step_dir.parent / ".universal" / step_dir.name
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
     for entry in step_dir.iterdir():
-        if entry.name not in (MODEL_DIR, "universal") and not entry.name.startswith("."):
+        if entry.name not in (MODEL_DIR, "universal", manifest.name) and not entry.name.startswith("."):
             (view / entry.name).symlink_to(entry.resolve())
     (view / MODEL_DIR).symlink_to(converted.resolve())
     return view

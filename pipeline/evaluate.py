@@ -5,6 +5,12 @@ batch the ranks agree (one small all-reduce) whether any of them still has data 
 shape is; a rank whose share is exhausted runs a one-sample zero batch whose results are masked out.
 Engines that gather weights inside the forward (DeepSpeed ZeRO-3) therefore never wait on a rank that
 has stopped, and the metrics still count every validation sample exactly once.
+
+A result is reported only when the samples evaluated (summed over ranks) are the samples the loader expects
+(``dataset.json``'s count, less shards left out under ``data.on_bad_shard = "skip"``); otherwise every rank
+raises the same one-line :class:`~pipeline.data.shards.LoaderError`: ``vitpipe eval`` exits 2, and training
+stops (exit 2) rather than log a ``val/*`` metric over part of the split. ``vitpipe eval`` is always strict
+about bad shards.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 from pipeline.build import build_model
 from pipeline.config_io import load_config
 from pipeline.data.loaders import build_eval
+from pipeline.data.shards import LoaderError
 from pipeline.dist import all_reduce_max, all_reduce_sum
 from pipeline.rundir import RunError, config_of
 
@@ -94,8 +101,22 @@ def evaluate(net: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]], de
                              labels.new_full((), labels.numel())]).double()
     net.train(was_training)
     correct1, correct5, loss_sum, count = all_reduce_sum(sums.tolist())
+    _check_complete(loader, count)
     n = max(count, 1.0)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "samples": count}
+
+
+def _check_complete(loader: Iterable[dict[str, torch.Tensor]], count: float) -> None:
+    """Refuses a result that did not cover every expected sample (the same count on every rank: all raise).
+
+    Raises:
+        LoaderError: When the loader knows its expected count and another number was evaluated.
+    """
+    expected = int(getattr(loader, "expected_samples", -1))
+    if expected >= 0 and int(count) != expected:
+        split = getattr(loader, "split", "") or "the split"
+        raise LoaderError(f"{split}: evaluated {int(count)} samples, dataset.json lists {expected}: no metric "
+                          "reported (a shard is damaged, or samples failed to decode)")
 
 
 def evaluate_run(run_dir: Path, weights: str | None, split: str | None, overrides: list[str]) -> dict[str, Any]:
@@ -120,5 +141,5 @@ def evaluate_run(run_dir: Path, weights: str | None, split: str | None, override
     split = split or cfg.data.val_split
     net = build_model(cfg, weights=weights_path)
     cpu = torch.device("cpu")
-    result = evaluate(net, build_eval(cfg, split, rank=0, world_size=1, device=cpu), cpu)
+    result = evaluate(net, build_eval(cfg, split, rank=0, world_size=1, device=cpu, strict=True), cpu)
     return {**result, "split": split, "weights": str(weights_path)}

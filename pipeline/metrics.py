@@ -1,6 +1,7 @@
 """Metrics through one small interface, created on the logging rank only.
 
-``MetricLogger.log(metrics, step)`` and ``close()``; the console and MLflow are two backends in a
+``MetricLogger.log(metrics, step)``, ``log_image(key, image, step)`` (MLflow's image panel),
+``log_artifact`` and ``close()``; the console and MLflow are two backends in a
 container. Other ranks get :class:`NullLogger`, so the trainer never checks the rank itself. MLflow
 records are delivered by a background thread (:class:`MlflowLogger`): logging costs the training step
 the time to queue a record, whatever the store or server does.
@@ -8,11 +9,15 @@ the time to queue a record, whatever the store or server does.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import shutil
 import threading
 import time
+import uuid
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +38,15 @@ class MetricLogger(Protocol):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Stores a file with the run."""
 
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        """Records a picture at an optimizer step, for MLflow's image panel and its step slider.
+
+        Args:
+            key: The picture's name (letters, digits, ``_ - . /`` and spaces), e.g. ``"pictures/attention"``.
+            image: A ``uint8`` numpy array of shape ``(H, W, 3)`` (RGB).
+            step: The optimizer step.
+        """
+
     def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
         """Ends the run, delivering what is queued (waiting at most ``timeout_s``; None: no limit)."""
 
@@ -49,6 +63,9 @@ class NullLogger:
         pass
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:  # noqa: D102
+        pass
+
+    def log_image(self, key: str, image: Any, step: int) -> None:  # noqa: D102
         pass
 
     def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:  # noqa: D102
@@ -85,6 +102,10 @@ class LoggerContainer(NullLogger):
         for lg in self.loggers:
             lg.log_artifact(path, artifact_path)
 
+    def log_image(self, key: str, image: Any, step: int) -> None:  # noqa: D102
+        for lg in self.loggers:
+            lg.log_image(key, image, step)
+
     def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:  # noqa: D102
         for lg in self.loggers:
             lg.close(status, timeout_s)
@@ -99,29 +120,67 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+TELEMETRY_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+"""What turns MLflow's telemetry off, for the tracking client and the UI server (``setdefault``: a user who
+sets ``MLFLOW_DISABLE_TELEMETRY=false`` turns it on). Importable without torch (``vitpipe ui``)."""
+
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+"""The experiment tag from which MLflow's UI picks its view: the training view (runs table, charts, images)."""
+
+PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"})
+"""MLflow error codes that no retry can fix: the record is dropped with a warning instead of blocking the queue."""
+
+
+def telemetry_off(env: MutableMapping[str, str] = os.environ) -> None:
+    """Turns MLflow's telemetry off in ``env`` unless the user set the variable (before ``import mlflow``)."""
+    for key, value in TELEMETRY_ENV.items():
+        env.setdefault(key, value)
+
+
+telemetry_off()  # any later ``import mlflow`` in this process (trainer, export, Slurm task) starts without it
+
+
 class MlflowLogger(NullLogger):
     """One MLflow run; created on rank 0 only. Records are delivered by a background thread.
 
-    ``log`` and ``log_artifact`` only queue a record and return: the training step never waits for
-    the store. A sender thread delivers the queue in order (consecutive metric records merged into
-    batches of up to 1,000 metrics). Tracking never stops training: when the store or server cannot
-    be reached, the records stay queued, one warning is logged per outage, delivery is retried with a
-    back-off (1 s doubling to 30 s) and resumes, in order, once it answers again. :meth:`close` sends
-    what is queued (one last try even during an outage), and whatever is still undelivered is written
-    to ``pending_file`` and reported; :meth:`save_pending` writes it at once (a forced exit).
+    ``log``, ``log_image`` and ``log_artifact`` only queue a record and return: the training step never
+    waits for the store. A sender thread delivers the queue in order (consecutive metric records merged
+    into batches of up to 1,000 metrics). Tracking never stops training and loses nothing:
+
+    * When the store or server cannot be reached, the records stay queued, one warning is logged per
+      outage, delivery is retried with a back-off (1 s doubling to 30 s) and resumes, in order, once it
+      answers again.
+    * What is still undelivered at :meth:`close` (after one last try), or at a forced exit
+      (:meth:`save_pending`), is written to ``pending_file`` (JSON; images as PNG files in
+      ``<pending_file stem>.images/``). The next job of the run directory (a preempted job's requeue)
+      loads that file and sends it first; the file is deleted (``unlink``) once the queue is empty.
+    * A resumed job does not log a step twice: the sender records, per metric key, the last step
+      delivered in ``<pending_file dir>/mlflow_state.json`` (atomically, after every batch). At start, a
+      resumed run's floor per key is the highest of that file, the pending file and the server's latest
+      metrics (one ``get_run``); :meth:`log` drops a metric whose step is at or below its floor, so the
+      steps between the checkpoint and the previous job's last record are not logged again (the first
+      values stay). Replayed records already delivered (the state file says so) are dropped too.
+    * System metrics (``system/…``: CPU, memory, disk, network, GPU; MLflow's monitors) are sampled by
+      a thread of this logger and go through the same queue: they are queued during an outage and
+      continue after it (MLflow's own ``SystemMetricsMonitor`` stops for good at the first failure).
+      A resumed job continues their step numbering.
+    * A record the store rejects for good (an invalid value, a deleted run, a vanished file) is dropped
+      with a warning instead of blocking the queue.
 
     MLflow's own asynchronous logging (``log_batch(..., synchronous=False)``) is not used: it drops a
     batch whose delivery fails instead of keeping it for later.
 
     Args:
         uri: Tracking URI.
-        experiment: Experiment name (created on first use, artifacts under ``<store dir>/mlartifacts``).
+        experiment: Experiment name (created on first use with the training kind tag, artifacts under
+            ``<store dir>/mlartifacts``).
         run_name: Name of the run.
         params: Flat parameters to log (the resolved config).
         tags: Tags to set.
-        run_id: An existing run to continue (a resumed job); its parameters are not logged again.
-        system_metrics_s: Sampling interval of MLflow's system-metrics monitor (CPU, memory, GPU); 0: off.
-        pending_file: Where undeliverable records go at the end.
+        run_id: An existing run to continue (a resumed job); its parameters are not logged again. When
+            the server cannot be reached at start, the run is reopened once it answers.
+        system_metrics_s: Sampling interval of the system metrics; 0: off.
+        pending_file: Where undeliverable records go (and where the next job finds them).
     """
 
     retry_s = (1.0, 30.0)
@@ -132,49 +191,116 @@ class MlflowLogger(NullLogger):
         # Fail fast instead of MLflow's default minutes of HTTP retries, and retry ourselves later.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        telemetry_off()
         from mlflow.tracking import MlflowClient
 
         self.client, self.uri = MlflowClient(uri), uri
-        self.pending: list[tuple[str, tuple]] = []
+        self.pending: list[tuple[str, tuple, str]] = []  # (kind, args, run id)
         self.pending_file, self.outage = pending_file, False
-        self.run_id = run_id if run_id and self._reopen(run_id) else None
-        if self.run_id is None:
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                exp_id = self.client.create_experiment(experiment, artifact_location=_artifact_root(uri))
-            else:
-                exp_id = exp.experiment_id
-            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-            self.client.log_batch(self.run_id, params=_params(params))
-        self.monitor = self._start_monitor(system_metrics_s, resumed=run_id == self.run_id)
+        self.state_file = pending_file.with_name("mlflow_state.json") if pending_file else None
         # An RLock: save_pending may run in a signal handler on the main thread while it holds the lock.
         self._cond = threading.Condition(threading.RLock())
-        self._closing = False
+        self._closing, self._file_on_disk, self._skipped = False, False, 0
+        self._state_steps: dict[str, int] = {}
+        self.run_id = run_id if run_id and self._reopen(run_id) else None
+        if self.run_id is None:
+            self.run_id = self.client.create_run(self._experiment_id(experiment), run_name=run_name,
+                                                 tags=tags).info.run_id
+            self.client.log_batch(self.run_id, params=_params(params))
+        resumed = self.run_id == run_id
+        replay = self._load_pending()
+        self.floor = self._logged_steps(replay) if resumed else {}
+        self._delivered = dict(self.floor)
+        self.pending[:0] = self._not_delivered(replay)  # the head of the queue: sent first
         self._sender = threading.Thread(target=self._deliver, name="mlflow-sender", daemon=True)
         self._sender.start()
+        first = max((s for k, s in self.floor.items() if k.startswith("system/")), default=-1) + 1
+        self.sampler = _SystemSampler(self, system_metrics_s, first) if system_metrics_s > 0 else None
         logger.info("MLflow run %s (experiment %r) at %s", self.run_id, experiment, uri)
 
+    # ------------------------------------------------------------------ start
+    def _experiment_id(self, name: str) -> str:
+        """The experiment's id, created with the training kind tag (or given the tag when it has none)."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            return self.client.create_experiment(name, artifact_location=_artifact_root(self.uri),
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return exp.experiment_id
+
     def _reopen(self, run_id: str) -> bool:
-        """Marks an existing run RUNNING again; False (with a warning) when the store does not have it."""
+        """Marks an existing run RUNNING again (queued while the server is down); False when the store lacks it."""
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.update_run(run_id, status="RUNNING")
+            self._mark_resumed(run_id)
         except MlflowException as err:
-            logger.warning("cannot continue MLflow run %s (%s): starting a new run", run_id, err)
-            return False
-        self.client.set_tag(run_id, "vitpipe.resumed", "true")
+            if err.error_code in PERMANENT_ERRORS:
+                logger.warning("cannot continue MLflow run %s (%s): starting a new run", run_id, err)
+                return False
+            logger.warning("MLflow unreachable at start (%s): run %s is reopened once it answers", err, run_id)
+            self.outage = True
+            self.pending.append(("reopen", (), run_id))
         return True
 
-    def _start_monitor(self, interval: float, resumed: bool) -> Any:
-        if interval <= 0:
-            return None
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    def _mark_resumed(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "vitpipe.resumed", "true")
+        exp_id = self.client.get_run(run_id).info.experiment_id
+        if EXPERIMENT_KIND_TAG not in self.client.get_experiment(exp_id).tags:
+            self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
-        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=resumed,
-                                       tracking_uri=self.uri)
-        monitor.start()
-        return monitor
+    def _load_pending(self) -> list[tuple[str, tuple, str]]:
+        """The records a previous job of the run directory could not deliver (its pending file)."""
+        if self.pending_file is None or not self.pending_file.exists():
+            return []
+        try:
+            saved = json.loads(self.pending_file.read_text())
+            records = [_decode(r, saved["run_id"], _image_dir(self.pending_file)) for r in saved["records"]]
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            bad = self.pending_file.with_suffix(".bad.json")
+            os.replace(self.pending_file, bad)
+            logger.error("unreadable MLflow pending file (%s): moved to %s, not replayed", err, bad)
+            return []
+        self._file_on_disk = True
+        found = [r for r in records if r is not None]
+        logger.warning("sending %d MLflow records a previous job could not deliver (%s)", len(found),
+                       self.pending_file)
+        return found
+
+    def _logged_steps(self, replay: list[tuple[str, tuple, str]]) -> dict[str, int]:
+        """Per metric key, the last step the run already has (delivered, or saved for replay)."""
+        steps: dict[str, int] = {}
+        state = _read_json(self.state_file)
+        if state.get("run_id") == self.run_id:
+            _merge(steps, state.get("steps", {}).items())
+        self._state_steps = dict(steps)
+        _merge(steps, ((m.key, m.step) for kind, args, rid in replay if kind == "metrics" and rid == self.run_id
+                       for m in args[0]))
+        try:  # the server's latest metric per key (one request), for a state file behind a SIGKILL
+            _merge(steps, ((m.key, m.step) for m in self.client.get_run(self.run_id).data._metric_objs))
+        except Exception as err:  # noqa: BLE001 - unreachable: the state file is the record
+            logger.debug("latest metrics of %s not read: %s", self.run_id, err)
+        return steps
+
+    def _not_delivered(self, replay: list[tuple[str, tuple, str]]) -> list[tuple[str, tuple, str]]:
+        """The replayed records still to send.
+
+        Dropped: metrics the state file says were delivered (an exit's race), and the previous job's end
+        or reopening of this run (this job reopens it).
+        """
+        done, out = self._state_steps, []
+        for kind, args, rid in replay:
+            if kind in ("terminate", "reopen") and rid == self.run_id:
+                continue
+            if kind == "metrics" and rid == self.run_id:
+                left = [m for m in args[0] if m.step > done.get(m.key, -1)]
+                if left:
+                    out.append((kind, (left,), rid))
+            else:
+                out.append((kind, args, rid))
+        return out
 
     # ------------------------------------------------------------ the sender thread
     def _deliver(self) -> None:
@@ -193,38 +319,100 @@ class MlflowLogger(NullLogger):
 
     def _send(self) -> None:
         """Sends the queue in order; stops at the first failure and keeps the rest (sender thread only)."""
+        from mlflow.exceptions import MlflowException
+
         while True:
             with self._cond:
                 if not self.pending:
                     return
-                count, (kind, args) = _next_request(self.pending)
+                count, (kind, args, run_id) = _next_request(self.pending)
             try:
-                if kind == "metrics":
-                    self.client.log_batch(self.run_id, metrics=args[0])
-                else:
-                    self.client.log_artifact(self.run_id, *args)
+                self._request(kind, args, run_id)
+            except (MlflowException, _Gone) as err:
+                if isinstance(err, MlflowException) and err.error_code not in PERMANENT_ERRORS:
+                    self._went_away(err)
+                    return
+                logger.warning("MLflow record dropped (%s %s): %s", kind, _what(kind, args), err)
             except Exception as err:  # noqa: BLE001 - any failure of the store: keep training
-                if not self.outage:
-                    logger.warning("MLflow unreachable (%s): queueing records until it answers", err)
-                self.outage = True
+                self._went_away(err)
                 return
+            if kind == "metrics" and run_id == self.run_id:
+                self._record_delivered(args[0])
             with self._cond:
                 del self.pending[:count]
+                if not self.pending and self._file_on_disk:
+                    self._remove_pending_file()
             if self.outage:
                 logger.warning("MLflow answers again: sending queued records")
                 self.outage = False
 
+    def _went_away(self, err: Exception) -> None:
+        if not self.outage:
+            logger.warning("MLflow unreachable (%s): queueing records until it answers", err)
+        self.outage = True
+
+    def _request(self, kind: str, args: tuple, run_id: str) -> None:
+        """One request to the store (sender thread only)."""
+        if kind == "metrics":
+            self.client.log_batch(run_id, metrics=args[0])
+        elif kind == "image":
+            key, image, step, ts, _ = args
+            self.client.log_image(run_id, image, key=key, step=step, timestamp=ts, synchronous=True)
+        elif kind == "artifact":
+            if not Path(args[0]).exists():
+                raise _Gone(f"{args[0]} no longer exists")
+            self.client.log_artifact(run_id, *args)
+        elif kind == "reopen":
+            self._mark_resumed(run_id)
+        elif kind == "terminate":
+            self.client.set_terminated(run_id, status=args[0])
+
+    def _record_delivered(self, metrics: list) -> None:
+        """Advances the last delivered step per key and writes the state file (sender thread only)."""
+        _merge(self._delivered, ((m.key, m.step) for m in metrics))
+        if self.state_file is not None:
+            atomic_write_bytes(self.state_file, json.dumps({"run_id": self.run_id, "steps": self._delivered}).encode())
+
     # ------------------------------------------------------------------ the interface
-    def log(self, metrics: dict[str, float], step: int) -> None:  # noqa: D102
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Queues scalar metrics at a step; a metric of a step the run already has (a resume) is dropped."""
+        kept = {k: v for k, v in metrics.items() if step > self.floor.get(k, -1)}
+        if len(kept) < len(metrics):
+            if not self._skipped:
+                logger.info("step %d and earlier were logged by the previous job: not logged again", step)
+            self._skipped += len(metrics) - len(kept)
+        if kept:
+            self.queue_metrics(kept, step)
+
+    def queue_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queues metrics as they are (no resume filter: the system sampler's own steps)."""
         from mlflow.entities import Metric
 
         ts = _now_ms()
-        self._queue(("metrics", ([Metric(k, float(v), ts, step) for k, v in metrics.items()],)))
+        self._queue(("metrics", ([Metric(k, float(v), ts, step) for k, v in metrics.items()],), self.run_id))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:  # noqa: D102
-        self._queue(("artifact", (str(path), artifact_path)))
+        self._queue(("artifact", (str(path), artifact_path), self.run_id))
 
-    def _queue(self, record: tuple[str, tuple]) -> None:
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        """Queues a picture for MLflow's image panel (``MlflowClient.log_image(key=, step=)``).
+
+        Stored by MLflow as ``images/<key, / as ~>+step+<step>+timestamp+…png`` (and a ``.webp``
+        thumbnail), which the run's Images panel shows with a step slider.
+
+        Args:
+            key: The picture's name (letters, digits, ``_ - . /`` and spaces).
+            image: A ``uint8`` numpy array of shape ``(H, W, 3)`` (RGB); copied, so the caller may reuse it.
+            step: The optimizer step.
+        """
+        import numpy as np
+
+        array = np.array(image, dtype=np.uint8, copy=True)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"log_image({key!r}): expected an H×W×3 uint8 array, got shape {array.shape}")
+        self._queue(("image", (key, array, int(step), _now_ms(), f"{uuid.uuid4().hex}.png"), self.run_id))
+
+    def _queue(self, record: tuple[str, tuple, str]) -> None:
         with self._cond:
             self.pending.append(record)
             self._cond.notify()
@@ -237,53 +425,183 @@ class MlflowLogger(NullLogger):
             timeout_s: Longest wait for the delivery (a preempted job's deadline); None: until the
                 sender's last try ends (each request gives up after ``MLFLOW_HTTP_REQUEST_TIMEOUT``).
         """
-        if self.monitor is not None:
-            self.monitor.finish()
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self._skipped:
+            logger.info("%d metrics of steps the previous job had logged were not logged again", self._skipped)
+        self._queue(("terminate", (status,), self.run_id))
         with self._cond:
             self._closing = True
             self._cond.notify()
         self._sender.join(timeout_s)
         if self._sender.is_alive():
             logger.warning("MLflow delivery still running after %.0f s: saving the queue", timeout_s)
-        else:
-            try:
-                self.client.set_terminated(self.run_id, status=status)
-            except Exception as err:  # noqa: BLE001
-                logger.warning("could not mark MLflow run %s %s: %s", self.run_id, status, err)
-        if self.pending:
-            self.save_pending()
+        self.save_pending()
 
     def save_pending(self) -> None:
-        """Writes the records not delivered yet to ``pending_file`` (any thread, signal handlers too)."""
+        """Writes the records not delivered yet to ``pending_file`` (any thread, signal handlers too).
+
+        Metrics and artifact paths go to the JSON file, images to PNG files beside it; an empty queue
+        removes a pending file left from before.
+        """
         locked = self._cond.acquire(timeout=2.0)
         try:
-            records = [{"kind": k, "args": [[(m.key, m.value, m.step) for m in a[0]]] if k == "metrics" else list(a)}
-                       for k, a in list(self.pending)]
+            records = list(self.pending)
+            if self.pending_file is None or not records:
+                if self.pending_file is not None and self._file_on_disk:
+                    self._remove_pending_file()
+                if records:
+                    logger.error("%d MLflow records could not be delivered (no pending file)", len(records))
+                return
+            folder = _image_dir(self.pending_file)
+            saved = {"run_id": self.run_id, "records": [_encode(r, folder) for r in records]}
+            atomic_write_bytes(self.pending_file, json.dumps(saved).encode())
+            self._file_on_disk = True
         finally:
             if locked:
                 self._cond.release()
-        if not records:
-            return
-        if self.pending_file is not None:
-            atomic_write_bytes(self.pending_file, json.dumps({"run_id": self.run_id, "records": records}).encode())
-        logger.error("%d MLflow records could not be delivered; saved to %s", len(records), self.pending_file)
+        logger.error("%d MLflow records could not be delivered; saved to %s (sent by the next job of this run)",
+                     len(records), self.pending_file)
+
+    def _remove_pending_file(self) -> None:
+        """Deletes the pending file (one unlink) and then its images; called with the lock held."""
+        assert self.pending_file is not None
+        self.pending_file.unlink(missing_ok=True)
+        shutil.rmtree(_image_dir(self.pending_file), ignore_errors=True)
+        self._file_on_disk = False
 
 
-def _next_request(pending: list[tuple[str, tuple]]) -> tuple[int, tuple[str, tuple]]:
-    """The next request from the head of the queue: an artifact, or consecutive metric records merged.
+class _Gone(Exception):
+    """A record whose content no longer exists (an artifact file deleted since): dropped."""
+
+
+class _SystemSampler:
+    """Samples MLflow's system monitors every ``interval`` s and queues them as ``system/…`` metrics.
+
+    Nothing here talks to the server: samples queue like any record, so an outage delays them and
+    loses none, and sampling goes on through it.
+    """
+
+    def __init__(self, owner: MlflowLogger, interval: float, first_step: int) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.source = SystemMetricsMonitor(owner.run_id, sampling_interval=interval, tracking_uri=owner.uri)
+        self.prefix = "system/" + (f"{self.source.node_id}/" if self.source.node_id else "")
+        self.owner, self.interval, self.step = owner, float(self.source.sampling_interval), first_step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mlflow-system-metrics", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.source.collect_metrics()
+                if self._stop.wait(self.interval):
+                    return
+                metrics = self.source.aggregate_metrics()
+                for monitor in self.source.monitors:
+                    monitor.clear_metrics()
+            except Exception as err:  # noqa: BLE001 - a failing probe never stops training
+                logger.warning("system metrics stopped: %s", err)
+                return
+            self.owner.queue_metrics({self.prefix + k: v for k, v in metrics.items()}, self.step)
+            self.step += 1
+
+    def stop(self) -> None:
+        """Ends sampling (the sample in progress is dropped)."""
+        self._stop.set()
+        self._thread.join(5.0)
+
+
+def _next_request(pending: list[tuple[str, tuple, str]]) -> tuple[int, tuple[str, tuple, str]]:
+    """The next request from the head of the queue: one record, or consecutive metric records of a run merged.
 
     Returns:
-        ``(records it covers, (kind, args))``.
+        ``(records it covers, (kind, args, run id))``.
     """
-    kind, args = pending[0]
+    kind, args, run_id = pending[0]
     if kind != "metrics":
-        return 1, (kind, args)
+        return 1, pending[0]
     merged, count = list(args[0]), 1
-    while count < len(pending) and pending[count][0] == "metrics" \
+    while count < len(pending) and pending[count][0] == "metrics" and pending[count][2] == run_id \
             and len(merged) + len(pending[count][1][0]) <= MAX_METRICS_PER_BATCH:
         merged += pending[count][1][0]
         count += 1
-    return count, ("metrics", (merged,))
+    return count, ("metrics", (merged,), run_id)
+
+
+def _encode(record: tuple[str, tuple, str], image_dir: Path) -> dict[str, Any]:
+    """A queue record as JSON; an image is written (once) as a PNG file in ``image_dir``."""
+    kind, args, run_id = record
+    if kind == "metrics":
+        out: list[Any] = [[[m.key, m.value, m.step, m.timestamp] for m in args[0]]]
+    elif kind == "image":
+        key, image, step, ts, name = args
+        if not (image_dir / name).exists():
+            import PIL.Image
+
+            image_dir.mkdir(exist_ok=True)
+            buf = io.BytesIO()
+            PIL.Image.fromarray(image).save(buf, format="PNG")
+            atomic_write_bytes(image_dir / name, buf.getvalue())
+        out = [key, name, step, ts]
+    else:
+        out = list(args)
+    return {"kind": kind, "args": out, "run_id": run_id}
+
+
+def _decode(saved: dict[str, Any], default_run: str, image_dir: Path) -> tuple[str, tuple, str] | None:
+    """A record of the pending file; None (with a warning) for an image whose PNG is gone."""
+    from mlflow.entities import Metric
+
+    kind, args, run_id = saved["kind"], saved["args"], saved.get("run_id", default_run)
+    if kind == "metrics":
+        now = _now_ms()
+        metrics = [Metric(m[0], float(m[1]), int(m[3]) if len(m) > 3 else now, int(m[2])) for m in args[0]]
+        return kind, (metrics,), run_id
+    if kind == "image":
+        import numpy as np
+        import PIL.Image
+
+        key, name, step, ts = args
+        try:
+            with PIL.Image.open(image_dir / Path(name).name) as img:
+                image = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except OSError as err:
+            logger.warning("pending MLflow image %s at step %s not replayed: %s", key, step, err)
+            return None
+        return kind, (key, image, int(step), int(ts), Path(name).name), run_id
+    if kind not in ("artifact", "reopen", "terminate"):
+        raise ValueError(f"unknown record kind {kind!r}")
+    return kind, tuple(args), run_id
+
+
+def _image_dir(pending_file: Path) -> Path:
+    return pending_file.with_name(pending_file.stem + ".images")
+
+
+def _what(kind: str, args: tuple) -> str:
+    if kind == "metrics":
+        return f"{len(args[0])} metrics at steps {args[0][0].step}–{args[0][-1].step}" if args[0] else ""
+    return str(args[0]) if kind in ("artifact", "image") else ""
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    """A small JSON file as a dict; {} when missing or unreadable (with a warning)."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        logger.warning("ignoring unreadable %s: %s", path, err)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _merge(steps: dict[str, int], pairs: Any) -> None:
+    """Raises ``steps[key]`` to each ``(key, step)`` of ``pairs``."""
+    for key, step in pairs:
+        steps[key] = max(steps.get(key, -1), int(step))
 
 
 def _artifact_root(uri: str) -> str | None:

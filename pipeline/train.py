@@ -68,8 +68,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     The model registry is imported here, not at the top, so that ``--help`` and config errors are instant.
     """
     from model.factory import UnknownModelError
+    from pipeline.rundir import RunError  # e.g. pipeline.checkpoint.CheckpointError: no checkpoint can be resumed
 
-    return ConfigError, LoaderError, FormatError, UnknownModelError, FileNotFoundError
+    return ConfigError, LoaderError, FormatError, UnknownModelError, RunError, FileNotFoundError
 
 
 def exit_status(summary: dict[str, Any]) -> int:

@@ -24,21 +24,24 @@ from data_prep.format import atomic_write_bytes
 from model.factory import count_params
 from model.flops import count_flops
 from model.registry import is_model
-from model.viz import has_pictures, render_pictures
+from model.viz import render_pictures, why_no_pictures
 from pipeline import checkpoint as ckpt
 from pipeline.build import build_model, num_classes_of
 from pipeline.config import ConfigError, JobCfg
 from pipeline.config_io import dump_toml, flatten
+from pipeline.data.integrity import check_data_kind
 from pipeline.data.loaders import build_loaders, input_shape
 from pipeline.dist import broadcast_object
-from pipeline.engine import Engine, weights_sharded
+from pipeline.engine import Engine, weights_only_loads, weights_sharded
 from pipeline.evaluate import evaluate
+from pipeline.export import export_info, register_export, write_export
 from pipeline.log import setup_logging
 from pipeline.metrics import ConsoleLogger, LoggerContainer, MlflowLogger, NullLogger, default_tracking_uri
 from pipeline.objective import build_objective
 from pipeline.optim import build_optimizer, build_scheduler, peak_lr
 from pipeline.preempt import EXIT_PREEMPTED, Preempted, Preemption
 from pipeline.rundir import check_run_dir, run_dir_of
+from pipeline.state_files import StateObjects
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ def check_startup(cfg: JobCfg) -> None:
     if not (Path(cfg.data.path) / "dataset.json").is_file():
         raise ConfigError(f"data.path = {cfg.data.path!r}: no dataset.json there; "
                           "prepare the data with `vitpipe prep imagenet --src ... --out ...`")
+    check_data_kind(cfg.data.path, cfg.data.train_split, cfg.model.name)  # image vs video, in seconds
 
 
 def _set_cpu_threads(requested: int, loader_workers: int, acc: Any) -> None:
@@ -112,14 +116,20 @@ class Trainer:
             _set_cpu_threads(cfg.engine.cpu_threads, cfg.data.num_workers, self.acc)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.mlflow_run_id: str | None = None
+        self.recipe_stem, self.pictures_noted = recipe_stem, False
         self.run_dir = resolve_run_dir(cfg, recipe_stem, self.acc.is_main_process)
         self.build_run_dir()
         self.build_data()
         self.build_model()
-        self.checkpoint = self.find_checkpoint() if cfg.checkpoint.resume else None
-        self.build_optimizer()
-        if self.checkpoint is not None:
-            self.resume(*self.checkpoint)
+        self.checkpoint: tuple[Path, dict[str, Any]] | None = None
+        try:
+            self.checkpoint = self.find_checkpoint() if cfg.checkpoint.resume else None
+            self.build_optimizer()
+            if self.checkpoint is not None:
+                self.resume(*self.checkpoint)
+        except Exception as err:
+            self.record_failed_resume(err)
+            raise
         self.build_tracking()
         self.preemption = Preemption(cfg.checkpoint.preempt_timeout_s)
         self.preemption.at_exit(self.metrics.save_pending)  # a forced exit keeps the queued metrics
@@ -171,11 +181,9 @@ class Trainer:
         if self.cfg.schedule.max_steps:
             self.total_steps = min(self.total_steps, self.cfg.schedule.max_steps)
         # Not prepared by accelerate: it is stepped once per optimizer step, on every rank, and saved
-        # with the checkpoints as a registered object.
+        # with the checkpoints in vitpipe's own files, as the EMA is (pipeline.state_files: no pickles).
         self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.steps_per_epoch, self.peak_lr)
-        self.acc.register_for_checkpointing(self.scheduler)
-        if self.ema is not None:
-            self.acc.register_for_checkpointing(self.ema)
+        self.state_objects = StateObjects(self.scheduler, self.ema)
 
     def build_tracking(self) -> None:
         """Rank 0 creates (or, on resume, reopens) the job's one MLflow run and shares its id."""
@@ -230,6 +238,8 @@ class Trainer:
             summary = self.summary(result, time.perf_counter() - start, status)
             left = self.preemption.time_left()  # after a signal: deliver metrics before the watchdog fires
             self.metrics.close({"PREEMPTED": "KILLED"}.get(status, status), None if left is None else left * 0.8)
+        if status == "FINISHED":
+            self.register_final()
         return summary
 
     def train_one_epoch(self) -> None:
@@ -257,8 +267,9 @@ class Trainer:
     def after_step(self, meter: _Meter) -> None:
         """Step-boundary work: metrics, step-based evaluation, periodic checkpoint, the preemption check (all ranks)."""
         if self.step % self.cfg.tracking.log_every_steps == 0 or self.step == self.total_steps:
-            self.metrics.log(meter.flush(max(self.scheduler.get_last_lr()), self.world_size, self.flops_per_sample,
-                                         self.cfg.engine.peak_tflops), self.step)
+            self.metrics.log({**meter.flush(max(self.scheduler.get_last_lr()), self.world_size, self.flops_per_sample,
+                                            self.cfg.engine.peak_tflops),
+                              **self.train_loader.data_metrics()}, self.step)  # every rank: one all-reduce
         every = self.cfg.eval.every_steps
         if every and self.step % every == 0 and self.step < self.total_steps:
             self.run_eval()  # every rank, the same steps: evaluation enters collectives
@@ -306,44 +317,60 @@ class Trainer:
         return results["val"]
 
     def log_pictures(self) -> None:
-        """Draws the first ``tracking.pictures`` validation images with the model's visualisation (rank 0)."""
+        """Draws the first ``tracking.pictures`` validation inputs with the model's visualisation (rank 0).
+
+        Each picture goes to MLflow's image panel under a key that is the same at every evaluation
+        (``pictures/sample0``, ...), so that its step slider steps through training.
+        """
         n, net = self.cfg.tracking.pictures, self.acc.unwrap_model(self.model)
-        if not n or self.engine.weights_sharded or not self.acc.is_main_process or not has_pictures(net):
-            return  # sharded weights: a forward on one rank alone would wait for the others' shards
-        batch = next(iter(self.eval_loader), None)
-        if batch is None or batch["input"].dim() != 4:  # no share of the validation split, or video views
+        if not n or not self.acc.is_main_process:
             return
-        images = batch["input"][:n].to(self.device, self.input_dtype)
-        folder = self.run_dir / "pictures"
-        folder.mkdir(exist_ok=True)
-        for i, picture in enumerate(render_pictures(net, images, self.cfg.data.mean, self.cfg.data.std)):
-            path = folder / f"step{self.step:08d}_{i}.png"
-            picture.save(path)
-            self.metrics.log_artifact(path, "pictures")
+        why = "engine.zero_stage = 3 shards the weights (a forward on rank 0 alone would wait for the other " \
+              "ranks' shards)" if self.engine.weights_sharded else why_no_pictures(net)
+        if why:
+            if not self.pictures_noted:
+                logger.info("no model pictures in this run: %s", why)
+                self.pictures_noted = True
+            return
+        batch = next(iter(self.eval_loader), None)
+        if batch is None:  # no share of the validation split
+            return
+        inputs = batch["input"][:n].to(self.device, self.input_dtype)  # images, clips or multi-view clips
+        for i, picture in enumerate(render_pictures(net, inputs, self.cfg.data.mean, self.cfg.data.std)):
+            self.metrics.log_image(f"pictures/sample{i}", np.asarray(picture.convert("RGB")), self.step)
 
     # ------------------------------------------------------------ persistence
     def trainer_state(self) -> dict[str, Any]:
-        """Counters an exact resume needs besides what accelerate saves (weights, optimizer, RNGs, scheduler)."""
+        """Counters an exact resume needs besides the state files (weights, optimizer, scheduler, EMA, RNGs)."""
         return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batch_in_epoch,
                 "samples_in_epoch": self.train_loader.position(self.epoch, self.batch_in_epoch),
                 "world_size": self.world_size, "backend": self.engine.name,
                 "mlflow_run_id": self.mlflow_run_id}
 
     def find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest complete checkpoint of the run directory (rank 0 picks it), prepared by the engine.
+        """The newest intact checkpoint of the run directory (every rank verifies its share), prepared by the engine.
 
         Called before the model is prepared, so that the engine can adapt to a checkpoint written by a
         different number of processes (:meth:`pipeline.engine.Engine.resume_from`).
+
+        Raises:
+            CheckpointError: When the run has checkpoints but none is intact.
         """
-        found = ckpt.find_resumable(self.run_dir / "checkpoints") if self.acc.is_main_process else None
-        path, state = broadcast_object((str(found[0]), found[1]) if found else (None, None))
-        if path is None:
+        found = ckpt.choose_checkpoint(self.run_dir / "checkpoints")
+        if found is None:
             return None
-        return self.engine.resume_from(Path(path), state), state
+        return self.engine.resume_from(*found), found[1]
+
+    def record_failed_resume(self, err: Exception) -> None:
+        """Marks the run's MLflow run FAILED (main rank) when the job cannot start from its checkpoints."""
+        run_id = getattr(err, "run_id", None) or (self.checkpoint[1].get("mlflow_run_id") if self.checkpoint else None)
+        if self.acc.is_main_process and run_id and self.cfg.tracking.enabled:
+            _mark_run_failed(self.cfg.tracking.uri or default_tracking_uri(self.cfg.run.output_dir), run_id, str(err))
 
     def resume(self, path: Path, state: dict[str, Any]) -> None:
         """Restores a checkpoint: weights, optimizer, scheduler, EMA, this rank's RNG states and the counters."""
-        self.acc.load_state(str(path))  # weights, optimizer, scheduler and this rank's RNG states
+        with weights_only_loads():  # every torch.load (accelerate's, DeepSpeed's) through the weights-only unpickler
+            ckpt.load_checkpoint(self.acc, path, self.state_objects, state.get("mlflow_run_id"))
         self.step, self.epoch, self.mlflow_run_id = state["step"], state["epoch"], state["mlflow_run_id"]
         # Samples of the epoch consumed by all ranks (older checkpoints: batches × their world × batch size);
         # exact sampling continues the epoch from there on any number of processes, stream sampling restarts
@@ -361,7 +388,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Saves a step checkpoint; every rank takes part."""
         return ckpt.save_checkpoint(self.acc, self.run_dir / "checkpoints", self.step, self.trainer_state(),
-                                    self.cfg.checkpoint.keep_last)
+                                    self.cfg.checkpoint.keep_last, self.state_objects)
 
     def save_final(self) -> None:
         """Saves the last checkpoint, exports the fp32 weights and logs the export to MLflow.
@@ -373,9 +400,28 @@ class Trainer:
         self.save_checkpoint()
         weights = self.engine.gather_weights(self.model)
         if weights is not None:
-            path = ckpt.export_weights(weights, self.run_dir / "final" / "model.safetensors")
+            path = write_export(weights, self.run_dir / "final" / "model.safetensors", self.export_info())
             self.metrics.log_artifact(path, "checkpoint")
             self.metrics.log_artifact(self.run_dir / "config.toml")
+
+    def export_info(self) -> dict[str, Any]:
+        """What the final export says about itself (model, classes, input, preprocessing, recipe, code version)."""
+        return export_info(self.cfg, self.num_classes, recipe=self.recipe_stem, code_version=_git_sha())
+
+    def register_final(self) -> None:
+        """With ``tracking.register_model``: the main rank registers the logged export in MLflow's model registry.
+
+        Called after the run's records are delivered; a registry that fails only warns.
+        """
+        if not (self.cfg.tracking.register_model and self.cfg.tracking.enabled and self.acc.is_main_process
+                and self.mlflow_run_id):
+            return
+        uri = self.cfg.tracking.uri or default_tracking_uri(self.cfg.run.output_dir)
+        try:
+            register_export(uri, self.mlflow_run_id, f"{self.cfg.tracking.experiment}-{self.cfg.model.name}",
+                            self.export_info(), self.run_dir)
+        except Exception as err:  # noqa: BLE001 - the weights are on disk and logged; the registry is extra
+            logger.warning("model not registered in MLflow at %s: %s", uri, err)
 
     def summary(self, result: dict[str, float], seconds: float, status: str) -> dict[str, Any]:
         """Writes ``summary.json`` (main rank), logs the log file to MLflow and returns the summary."""
@@ -435,6 +481,21 @@ def _sum_over_ranks(loss_sum: torch.Tensor | None, batches: int) -> tuple[float,
         dist.all_reduce(both, op=dist.ReduceOp.SUM)
     total, count = both.tolist()
     return total, count
+
+
+def _mark_run_failed(uri: str, run_id: str, reason: str) -> None:
+    """Ends an MLflow run FAILED with the reason as the ``vitpipe.error`` tag; an unreachable store only warns."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as MlflowLogger: fail fast
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        client.set_tag(run_id, "vitpipe.error", reason[:4000])
+        client.set_terminated(run_id, "FAILED")
+        logger.info("MLflow run %s marked FAILED", run_id)
+    except Exception as err:  # noqa: BLE001 - tracking never hides the error being reported
+        logger.warning("could not mark MLflow run %s FAILED at %s: %s", run_id, uri, err)
 
 
 def _git_sha() -> str:

@@ -166,14 +166,14 @@ def run_models_command(args: argparse.Namespace) -> int:
 
 def add_ui_parser(sub: Any, formatter: Any) -> None:
     """Adds ``vitpipe ui``."""
-    from vitpipe.ui import run_ui_command
+    from vitpipe.ui import add_ui_arguments, run_ui_command
 
     p = sub.add_parser("ui", help="serve the MLflow UI over the project's tracking store",
                        formatter_class=formatter,
                        description="Start the MLflow tracking UI on 127.0.0.1 over <runs>/mlflow.db and print "
-                                   "its address; stop it with Ctrl-C.")
-    p.add_argument("--runs", default="runs", help="runs directory holding mlflow.db (default: %(default)s)")
-    p.add_argument("--port", type=int, default=5000, help="port; 0 picks a free one (default: %(default)s)")
+                                   "its address; stop it with Ctrl-C (or SIGHUP/SIGTERM). --auth requires a "
+                                   "login (see docs/tracking.md).")
+    add_ui_arguments(p)
     p.set_defaults(func=run_ui_command)
 
 

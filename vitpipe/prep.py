@@ -67,11 +67,28 @@ sorted (class, path) order. Output is byte-identical for the same input and opti
 whatever --workers, --threads or --num-tasks.
 """
 
-_SCALE_EPILOG = """\
-example:
-  vitpipe prep imagenet --src /data/imagenet --out /data/imagenet-wds --shard-size 1000
-  vitpipe prep verify /data/imagenet-wds && vitpipe prep inspect /data/imagenet-wds
+#: ``prep SOURCE --help`` example of each source (the check commands follow it).
+_EXAMPLES = {
+    "imagenet": "vitpipe prep imagenet --src /data/imagenet --out /data/imagenet-wds --shard-size 1000",
+    "kinetics": "vitpipe prep kinetics --annotations /data/k400/annotations/train.csv \\\n"
+                "      /data/k400/annotations/validate.csv --videos /data/k400/videos --out /data/k400-wds",
+    "ssv2": "vitpipe prep ssv2 --labels /data/ssv2/labels.json --train /data/ssv2/train.json \\\n"
+            "      --validation /data/ssv2/validation.json --videos /data/ssv2/videos --out /data/ssv2-wds",
+    "diving48": "vitpipe prep diving48 --train /data/diving48/Diving48_V2_train.json \\\n"
+                "      --val /data/diving48/Diving48_V2_test.json --vocab /data/diving48/Diving48_vocab.json \\\n"
+                "      --videos /data/diving48/rgb --out /data/diving48-wds",
+    "videolist": "vitpipe prep videolist --list train=/data/ucf101/train.txt --list val=/data/ucf101/val.txt \\\n"
+                 "      --root /data/ucf101/videos --classes /data/ucf101/classes.txt --out /data/ucf101-wds",
+}
 
+
+def _epilog(source: str) -> str:
+    out = "/data/" + _EXAMPLES[source].rsplit("/data/", 1)[1]
+    return (f"example:\n  {_EXAMPLES[source]}\n  vitpipe prep verify {out} && vitpipe prep inspect {out}\n\n"
+            + _SCALE_EPILOG)
+
+
+_SCALE_EPILOG = """\
 scale:
   --workers N processes write shards in parallel. A Slurm array splits the shards
   across machines: run the same command with --task-index I --num-tasks N in every
@@ -195,7 +212,7 @@ def _add_video(o: _Options) -> None:
 
 
 def _sub(sources: Any, name: str, help_: str, description: str, shard_size: int) -> _Options:
-    p = sources.add_parser(name, help=help_, description=description, epilog=_SCALE_EPILOG,
+    p = sources.add_parser(name, help=help_, description=description, epilog=_epilog(name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     o = _Options(p)
     _add_common(o, shard_size)

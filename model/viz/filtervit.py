@@ -3,8 +3,9 @@
 For each filter block the model computes two masks (spec ``filtervit.md`` §9–10): the continuous
 gate s ∈ (0.46, 1) that multiplies every pixel, and the binary top-K selection that picks the tokens.
 :func:`render_filter_masks` draws both, per filter block, as overlays on the input crop (nearest
-upsampling from the feature map, so one feature pixel is one visible block). It returns PIL images,
-so training code can log them (``mlflow.log_image``) and ``vitpipe viz masks`` saves them as PNG.
+upsampling from the feature map, so one feature pixel is one visible block; panels of at least 256 px,
+labelled above). It returns PIL images, so training code can log them (``mlflow.log_image``) and
+``vitpipe viz masks`` saves them as PNG.
 The author's own visualisation saved only the binary mask at feature-map resolution.
 """
 
@@ -15,13 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from model.layers.filter_attention import TokenSubsetAttention
-
-#: Anchor colours of the score colour map (dark blue → teal → yellow), as in perceptual maps.
-_CMAP = np.array([[13, 8, 135], [84, 2, 163], [139, 10, 165], [185, 50, 137], [219, 92, 104], [244, 136, 73],
-                  [254, 188, 43], [240, 249, 33]], dtype=np.float32)
+from model.viz.panels import enlarge, overlay, panel, scale_factor, sequential, sheet, stretch
 
 
 @dataclass
@@ -65,24 +63,11 @@ def collect_filter_masks(net: torch.nn.Module, images: torch.Tensor) -> list[Fil
     return out
 
 
-def _upsample(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    return np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-
-
-def _colormap(x: np.ndarray) -> np.ndarray:
-    pos = np.clip(x, 0, 1) * (len(_CMAP) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_CMAP) - 2)
-    frac = (pos - lo)[..., None]
-    return (_CMAP[lo] * (1 - frac) + _CMAP[lo + 1] * frac).astype(np.uint8)
-
-
-def _label(img: Image.Image, text: str) -> Image.Image:
-    ImageDraw.Draw(img).text((3, 2), text, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
-    return img
-
-
 def overlay_panels(image: np.ndarray, masks: list[FilterMasks], b: int) -> list[tuple[str, Image.Image]]:
-    """Overlays of sample ``b``: for each block, the score (if any) and the top-K selection.
+    """Labelled overlays of sample ``b``: for each block, the score (if any) and the top-K selection.
+
+    Each overlay is enlarged to at least :data:`model.viz.panels.PANEL` pixels by nearest neighbour, so
+    that one feature-map pixel is one visible block.
 
     Args:
         image: The input crop, H×W×3 uint8.
@@ -92,24 +77,25 @@ def overlay_panels(image: np.ndarray, masks: list[FilterMasks], b: int) -> list[
     Returns:
         (name, picture) pairs, e.g. ``("L0-55-score", ...)``, ``("L0-55-top256", ...)``.
     """
-    size = (image.shape[1], image.shape[0])
-    base = image.astype(np.float32)
+    base = _enlarged(image)
     panels = []
     for m in masks:
         sel = m.selected[b].numpy()
         (h, w), k = sel.shape, int(sel.sum())
         if m.scores is not None:
-            s = m.scores[b].numpy()
-            norm = (s - s.min()) / max(float(s.max() - s.min()), 1e-6)  # stretched per map: s ∈ (0.46, 1)
-            heat = _upsample(_colormap(norm), size).astype(np.float32)
-            pic = Image.fromarray((0.45 * base + 0.55 * heat).astype(np.uint8))
-            text = f"L{m.layer} {h}x{w} score {s.min():.2f}-{s.max():.2f}"
-            panels.append((f"L{m.layer}-{h}-score", _label(pic, text)))
-        on = _upsample(sel.astype(np.uint8) * 255, size)[..., None] > 0
+            s = m.scores[b].numpy()  # stretched per map: s lies in (0.46, 1)
+            text = f"block {m.layer} ({h}x{w}): score {s.min():.2f}-{s.max():.2f}"
+            panels.append((f"L{m.layer}-{h}-score", panel(overlay(base, sequential(stretch(s))), text)))
+        on = enlarge(sel.astype(np.uint8) * 255, (base.shape[1], base.shape[0]))[..., None] > 0
         red = np.array([255, 40, 40], dtype=np.float32)
-        pic = Image.fromarray(np.where(on, 0.4 * base + 0.6 * red, 0.35 * base).astype(np.uint8))
-        panels.append((f"L{m.layer}-{h}-top{k}", _label(pic, f"L{m.layer} {h}x{w} top-{k}")))
+        pic = np.where(on, 0.4 * base + 0.6 * red, 0.35 * base).astype(np.uint8)
+        panels.append((f"L{m.layer}-{h}-top{k}", panel(pic, f"block {m.layer} ({h}x{w}): top-{k} of {h * w}")))
     return panels
+
+
+def _enlarged(image: np.ndarray) -> np.ndarray:
+    f = scale_factor(*image.shape[:2])
+    return image.repeat(f, 0).repeat(f, 1)
 
 
 def denormalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -138,13 +124,7 @@ def render_filter_masks(net: torch.nn.Module, images: torch.Tensor, mean: tuple[
 
 
 def _sheet(crop: np.ndarray, panels: list[tuple[str, Image.Image]]) -> Image.Image:
-    tiles = [_label(Image.fromarray(crop), "input"), *(p for _, p in panels)]
-    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), crop.shape[0]), "white")
-    x = 0
-    for t in tiles:
-        sheet.paste(t, (x, 0))
-        x += t.width + 4
-    return sheet
+    return sheet([[panel(_enlarged(crop), "input"), *(p for _, p in panels)]])
 
 
 def load_crop(path: Path, size: int, crop_pct: float, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

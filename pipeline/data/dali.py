@@ -43,6 +43,7 @@ import torch
 from data_prep.format import load_dataset_info
 from pipeline.config import DataCfg
 from pipeline.data.dali_base import parse_randaugment
+from pipeline.data.integrity import ReadPolicy
 from pipeline.data.order import PlanError, PlannedBatch, SamplePlan, ranges
 from pipeline.data.reader import SampleIndex, ShardFiles, read_media
 from pipeline.data.shards import (
@@ -216,14 +217,37 @@ class _ImageFeed:
     sample comes from the tar header in front of its bytes.
     """
 
-    def __init__(self, index: SampleIndex, files: ShardFiles, batches: Iterator[PlannedBatch]) -> None:
+    def __init__(self, index: SampleIndex, files: ShardFiles, batches: Iterator[PlannedBatch],
+                 policy: ReadPolicy | None = None) -> None:
         self.index, self.files, self.batches = index, files, batches
+        self.policy = policy or ReadPolicy()
         self.pending: deque[tuple[int, int, list[str]]] = deque()
+
+    def _read(self, ids: np.ndarray) -> tuple[list[np.ndarray], list[str], np.ndarray]:
+        """The batch's media; under ``data.on_bad_shard = "skip"`` without the samples that cannot be read."""
+        try:
+            return (*read_media(self.index, self.files, ids), ids)
+        except LoaderError:
+            if self.policy.on_bad_shard != "skip":
+                raise
+        images, keys, kept = [], [], []
+        for sample_id in ids.tolist():
+            try:
+                media, key = read_media(self.index, self.files, np.array([sample_id]))
+            except LoaderError as err:
+                self.policy.shard_bad(str(err), self.index.paths[int(self.index.shard_of(np.array([sample_id]))[0])])
+                continue
+            images += media
+            keys += key
+            kept.append(sample_id)
+        if not kept:
+            raise LoaderError(f"every sample of a batch of {self.index.paths[0]}'s split is in a bad shard")
+        return images, keys, np.array(kept, np.int64)
 
     def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         batch = next(self.batches)  # StopIteration ends a finite plan
-        images, keys = read_media(self.index, self.files, batch.ids)
-        labels = [np.array([v], np.int64) for v in self.index.label[batch.ids].tolist()]
+        images, keys, ids = self._read(batch.ids)
+        labels = [np.array([v], np.int64) for v in self.index.label[ids].tolist()]
         self.pending.append((batch.epoch, batch.step, keys))
         return images, labels
 
@@ -237,10 +261,13 @@ class DaliLoader:
     """
 
     def __init__(self, cfg: DataCfg, split: str, *, batch_size: int, rank: int, world_size: int, seed: int,
-                 train: bool, keys: bool = False) -> None:
+                 train: bool, keys: bool = False, policy: ReadPolicy | None = None) -> None:
         self.cfg, self.split, self.batch_size, self.train, self.keys = cfg, split, batch_size, train, keys
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.index = SampleIndex.load(cfg.path, split)  # one columnar read of the manifest
+        self.policy = policy or ReadPolicy()
+        self.index = SampleIndex.load(cfg.path, split, exclude=self.policy.exclude)  # one columnar read
+        self.expected_samples = self.index.num_samples
+        """Samples every rank together must evaluate (the split less skipped shards)."""
         self.files = ShardFiles(self.index.paths, cfg.max_open_files)
         self.plan: SamplePlan | StreamPlan | None = None
         if train and cfg.sampler == "exact":
@@ -322,7 +349,7 @@ class DaliLoader:
 
         self._close()
         if self.video_spec is None:
-            feed: Any = _ImageFeed(self.index, self.files, batches)
+            feed: Any = _ImageFeed(self.index, self.files, batches, self.policy)
             pipe = build_pipeline(self.cfg, feed, train=self.train, device=self.device, batch_size=self.batch_size,
                                   seed=seed, device_id=self.device_id)
         else:
@@ -352,7 +379,13 @@ class DaliLoader:
     def _batch(self, expect: tuple[int, int]) -> dict[str, Any]:
         """The live pipeline's next batch, checked against the plan position ``(epoch, step)``."""
         iterator, _, feed = self._live
-        out = next(iterator)[0]
+        try:
+            out = next(iterator)[0]
+        except LoaderError:
+            raise
+        except RuntimeError as err:  # DALI's decoder failed on a sample: its message, on one line
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise LoaderError(f"dali could not decode a sample of {self.split}: {first.strip()}") from None
         epoch, step, keys = feed.pending.popleft()
         if (epoch, step) != expect:  # the feed and this loop disagree: a bug
             raise RuntimeError(f"dali loader out of step: got batch {step} of epoch {epoch}, expected {expect}")

@@ -27,6 +27,7 @@ import torch
 from data_prep.format import atomic_write_bytes, load_dataset_info
 from pipeline.config import DataCfg, JobCfg
 from pipeline.data.batch_augment import BatchAugment, Mixup, RandomErasing, normalize
+from pipeline.data.integrity import DataHealth, ReadPolicy, bad_shards
 from pipeline.data.sample_transforms import apply_to_clip, clip_color_transform, eval_transform, train_transform
 from pipeline.data.shards import read_split
 from pipeline.data.wds import SampleFn, build_eval_loader, build_train_loader, image_sample_fn
@@ -98,9 +99,27 @@ class TrainBatches:
     """
 
     def __init__(self, loader: BackendLoader, device: torch.device, augment: BatchAugment,
-                 recorder: KeyRecorder | None = None) -> None:
+                 recorder: KeyRecorder | None = None, policies: tuple[ReadPolicy, ...] = ()) -> None:
         self.loader, self.device, self.augment, self.recorder = loader, device, augment, recorder
+        self.policies = policies
         self.epoch = self.skip = 0
+
+    def data_metrics(self) -> dict[str, float]:
+        """``data/bad_shards`` and ``data/skipped_samples`` over all ranks (every rank must call it: one all-reduce).
+
+        ``data/bad_shards``: shards left out at the start (training and validation), plus each time a reading
+        process found a shard bad while reading. ``data/skipped_samples``: samples that failed to decode.
+        Empty (nothing to report) while both are 0 and ``data.on_bad_shard`` is ``error``.
+        """
+        from pipeline.dist import all_reduce_sum
+
+        read_bad = sum(p.health.counts[0] for p in self.policies)
+        skipped = sum(p.health.counts[1] for p in self.policies)
+        at_start = sum(p.health.skipped_shards for p in self.policies)  # the same on every rank
+        read_bad, skipped = all_reduce_sum([float(read_bad), float(skipped)])
+        if not (at_start or read_bad or skipped or any(p.on_bad_shard == "skip" for p in self.policies)):
+            return {}
+        return {"data/bad_shards": float(at_start + read_bad), "data/skipped_samples": float(skipped)}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -152,11 +171,21 @@ class TrainBatches:
 
 
 class EvalBatches:
-    """A backend's evaluation loader, moved to the device and normalised."""
+    """A backend's evaluation loader, moved to the device and normalised.
+
+    Attributes:
+        split: The split it reads.
+        expected_samples: Samples all ranks together must evaluate (``dataset.json``, less skipped shards):
+            :func:`pipeline.evaluate.evaluate` reports nothing when another count was evaluated.
+        policy: Its bad-shard policy.
+    """
 
     def __init__(self, loader: Iterable[dict[str, torch.Tensor]], device: torch.device,
-                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+                 mean: tuple[float, ...], std: tuple[float, ...], *, split: str = "",
+                 policy: ReadPolicy | None = None) -> None:
         self.loader, self.device, self.mean, self.std = loader, device, mean, std
+        self.split, self.policy = split, policy or ReadPolicy()
+        self.expected_samples = int(getattr(loader, "expected_samples", -1))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for raw in self.loader:
@@ -221,18 +250,42 @@ def sample_fn(cfg: DataCfg, *, train: bool) -> SampleFn:
     return image_sample_fn(train_transform(cfg) if train else eval_transform(cfg))
 
 
-def build_eval(cfg: JobCfg, split: str, *, rank: int, world_size: int, device: torch.device) -> EvalBatches:
-    """This rank's evaluation batches of ``split`` (every sample once over all ranks) on ``device``."""
+def read_policy(d: DataCfg, split: str, *, strict: bool = False) -> ReadPolicy:
+    """The bad-shard and decode-failure policy of ``split``, its bad shards found (a stat each) and agreed.
+
+    Every rank must call it at the same point (one collective).
+
+    Args:
+        d: The data config.
+        split: Split to check.
+        strict: Stop on a bad shard whatever ``data.on_bad_shard`` says (``vitpipe eval``).
+
+    Raises:
+        LoaderError: A bad shard under ``error`` (one line naming it).
+    """
+    mode = "error" if strict else d.on_bad_shard
+    exclude = bad_shards(d.path, split, mode)
+    return ReadPolicy(mode, d.max_skip_fraction, d.skip_window, exclude, DataHealth(len(exclude)))
+
+
+def build_eval(cfg: JobCfg, split: str, *, rank: int, world_size: int, device: torch.device,
+               strict: bool = False) -> EvalBatches:
+    """This rank's evaluation batches of ``split`` (every sample once over all ranks) on ``device``.
+
+    ``strict``: a bad shard stops it whatever ``data.on_bad_shard`` says (``vitpipe eval``).
+    """
     d = cfg.data
     batch = cfg.eval.batch_size or d.batch_size
+    policy = read_policy(d, split, strict=strict)
     if d.backend == "dali":
         from pipeline.data.dali import DaliLoader
 
-        loader: Any = DaliLoader(d, split, batch_size=batch, seed=0, train=False, rank=rank, world_size=world_size)
+        loader: Any = DaliLoader(d, split, batch_size=batch, seed=0, train=False, rank=rank, world_size=world_size,
+                                 policy=policy)
     else:
         loader = build_eval_loader(d.path, split, sample_fn(d, train=False), batch_size=batch,
-                                   num_workers=d.num_workers, rank=rank, world_size=world_size)
-    return EvalBatches(loader, device, d.mean, d.std)
+                                   num_workers=d.num_workers, rank=rank, world_size=world_size, policy=policy)
+    return EvalBatches(loader, device, d.mean, d.std, split=split, policy=policy)
 
 
 def build_loaders(cfg: JobCfg, *, rank: int, world_size: int, device: torch.device,
@@ -244,12 +297,13 @@ def build_loaders(cfg: JobCfg, *, rank: int, world_size: int, device: torch.devi
     """
     d = cfg.data
     read_split(d.path, d.train_split)  # a clear error for a missing data set or split, before any work
+    policy = read_policy(d, d.train_split)
     keys = bool(d.record_keys)
     if d.backend == "dali":
         from pipeline.data.dali import DaliLoader
 
         train: Any = DaliLoader(d, d.train_split, batch_size=d.batch_size, seed=cfg.run.seed, train=True,
-                                rank=rank, world_size=world_size, keys=keys)
+                                rank=rank, world_size=world_size, keys=keys, policy=policy)
         logger.info("dali loader on %s (%s sampling): %d steps/epoch per rank", train.device, d.sampler,
                     train.steps_per_epoch)
     else:
@@ -257,7 +311,8 @@ def build_loaders(cfg: JobCfg, *, rank: int, world_size: int, device: torch.devi
             d.path, d.train_split, sample_fn(d, train=True), batch_size=d.batch_size,
             num_workers=d.num_workers, seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer,
             persistent_workers=d.persistent_workers, resample=d.resample_shards, rank=rank, world_size=world_size,
-            sampler=d.sampler, shuffle_shards=d.shuffle_shards, max_open_files=d.max_open_files, keys=keys)
+            sampler=d.sampler, shuffle_shards=d.shuffle_shards, max_open_files=d.max_open_files, keys=keys,
+            policy=policy)
     evals = build_eval(cfg, d.val_split, rank=rank, world_size=world_size, device=device)
     recorder = KeyRecorder(d.record_keys, rank, world_size) if keys else None
-    return TrainBatches(train, device, batch_augment(cfg, num_classes), recorder), evals
+    return TrainBatches(train, device, batch_augment(cfg, num_classes), recorder, (policy, evals.policy)), evals

@@ -83,13 +83,16 @@ class SampleIndex:
         return shard, self.offset[ids] - TAR_BLOCK, np.where(last, end, following)
 
     @classmethod
-    def load(cls, dataset_dir: str | Path, split: str, *, keys: bool = False) -> SampleIndex:
+    def load(cls, dataset_dir: str | Path, split: str, *, keys: bool = False,
+             exclude: frozenset[int] = frozenset()) -> SampleIndex:
         """Reads the split manifest (one columnar read) and checks it against ``dataset.json``.
 
         Args:
             dataset_dir: Directory written by ``vitpipe prep``.
             split: Split name.
             keys: Also read the ``key`` column (``vitpipe order``).
+            exclude: Positions (file order) of shards to leave out (bad shards under
+                ``data.on_bad_shard = "skip"``); the samples of the others are numbered from 0 again.
 
         Raises:
             LoaderError: If the data set, split or manifest cannot be read, or the manifest's rows do
@@ -140,12 +143,26 @@ class SampleIndex:
                 raise
             raise LoaderError(f"{path}: cannot read the split manifest ({err}); re-run vitpipe prep merge") from err
         folder = root / split
-        return cls(
+        index = cls(
             paths=tuple(str(folder / n) for n in names),
             starts=starts,
             shard_bytes=np.array([s.bytes for s in entry.shards], np.int64),
             offset=offset, size=size, label=label,
             keys=pa.chunked_array(key_parts, pa.string()).combine_chunks() if keys else None,
+        )
+        return index.without(exclude) if exclude else index
+
+    def without(self, exclude: frozenset[int]) -> SampleIndex:
+        """This index less the shards at positions ``exclude`` (samples numbered from 0 again)."""
+        from pipeline.data.order import ranges
+
+        keep = np.array([i for i in range(len(self.paths)) if i not in exclude], np.int64)
+        ids = ranges(self.starts[keep], self.sizes[keep])
+        return SampleIndex(
+            paths=tuple(self.paths[i] for i in keep.tolist()),
+            starts=np.concatenate([[0], np.cumsum(self.sizes[keep])]).astype(np.int64),
+            shard_bytes=self.shard_bytes[keep], offset=self.offset[ids], size=self.size[ids],
+            label=self.label[ids], keys=self.keys.take(ids) if self.keys is not None else None,
         )
 
 

@@ -33,12 +33,14 @@ class Shard:
     """Samples it holds (from ``dataset.json``)."""
 
 
-def read_split(dataset_dir: str | Path, split: str) -> tuple[list[Shard], list[str]]:
+def read_split(dataset_dir: str | Path, split: str,
+               exclude: frozenset[int] = frozenset()) -> tuple[list[Shard], list[str]]:
     """Lists a split's shards and the class ids from ``dataset.json``.
 
     Args:
         dataset_dir: Directory written by ``vitpipe prep``.
         split: Split name, e.g. ``"train"``.
+        exclude: Positions (file order) of shards to leave out (``data.on_bad_shard = "skip"``).
 
     Returns:
         The shards in file order, and the class ids in label order.
@@ -52,7 +54,8 @@ def read_split(dataset_dir: str | Path, split: str) -> tuple[list[Shard], list[s
     except FormatError as err:
         raise LoaderError(str(err)) from err
     folder = Path(dataset_dir) / split
-    return [Shard(str(folder / s.name), s.num_samples) for s in entry.shards], list(info.classes)
+    shards = [Shard(str(folder / s.name), s.num_samples) for i, s in enumerate(entry.shards) if i not in exclude]
+    return shards, list(info.classes)
 
 
 def epoch_shard_order(shards: list[Shard], seed: int, epoch: int) -> list[Shard]:

@@ -56,6 +56,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from data_prep.format import CLS, IMAGE_EXTS
+from pipeline.data.integrity import ReadPolicy, worker_error
 from pipeline.data.order import PlanError, PlannedBatch, SamplePlan
 from pipeline.data.reader import SampleIndex, ShardFiles, read_sample
 from pipeline.data.shards import (
@@ -100,8 +101,12 @@ class ShardStream(IterableDataset):
         train: bool,
         shuffle_buffer: int = 1000,
         resample: bool = False,
+        policy: ReadPolicy | None = None,
     ) -> None:
         self.shards, self.transform, self.resample = shards, transform, resample
+        self.policy = policy or ReadPolicy()
+        self.guard = self.policy.guard()
+        self._expected = {s.url: s.num_samples for s in shards}
         self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
         self.shuffle_buffer = shuffle_buffer
         self._state = multiprocessing.RawArray("q", 3)  # epoch, skip_batches, batch_size; shared with workers
@@ -160,14 +165,44 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
         worker, _ = self._worker()
-        stages: list[Any] = [lambda: ({"url": url} for url in self._urls()),
-                             wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+        stages: list[Any] = [self._urls, self._read_shards]
         if self.train:
             rng = random.Random(seed_of(self.seed, self.epoch, self.rank, worker))
             stages += [wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), rng=rng),
                        self._number_and_skip]
-        stages.append(wds.map(self._transform, handler=_skip_and_count))
+        stages.append(self._decode)
         yield from wds.DataPipeline(*stages)
+
+    def _read_shards(self, urls: Iterator[str]) -> Iterator[dict[str, Any]]:
+        """Each shard's samples, counted against ``dataset.json`` (a truncated, padded or unreadable shard is bad)."""
+        for url in urls:
+            expected, count, problem = self._expected[url], 0, None
+            try:
+                for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+                    count += 1
+                    if count > expected:
+                        problem = f"{url}: holds more than the {expected} samples dataset.json lists (extra members)"
+                        break
+                    yield sample
+            except Exception as exn:  # noqa: BLE001 - any read failure makes the shard bad
+                problem = f"{url}: unreadable after {count} of {expected} samples ({type(exn).__name__}: {exn})"
+            if problem is None and count < expected:
+                problem = f"{url}: {count} samples read, dataset.json says {expected} (truncated)"
+            if problem is not None:
+                self.policy.shard_bad(problem, url)
+
+    def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple[torch.Tensor, int, str]]:
+        """Transforms each sample; one that fails is skipped and counted (:class:`~.integrity.SkipGuard`)."""
+        for sample in samples:
+            try:
+                out = self._transform(sample)
+            except LoaderError:
+                raise
+            except Exception as exn:  # noqa: BLE001 - skip, warn (rate-limited), stop past the threshold
+                self.guard.failed(exn)
+                continue
+            self.guard.ok()
+            yield out
 
     def _number_and_skip(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Drops this worker's share of the already consumed batches and seeds every later sample."""
@@ -183,12 +218,6 @@ class ShardStream(IterableDataset):
         label = int(sample[CLS])
         with _seeded(sample.get("__seed__")):
             return self.transform(sample), label, sample["__key__"]
-
-
-def _skip_and_count(exn: Exception) -> bool:
-    """Skips a sample that fails to decode or augment, with a warning (the stream goes on)."""
-    logger.warning("skipped a sample that failed to decode or augment: %r", exn)
-    return True
 
 
 @contextlib.contextmanager
@@ -250,8 +279,18 @@ class TrainLoader:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for inputs, labels, keys in itertools.islice(self.loader, self.steps_per_epoch - self.skip):
-            yield {"input": inputs, "label": labels, **({"key": list(keys)} if self.keys else {})}
+        with _one_line_errors():
+            for inputs, labels, keys in itertools.islice(self.loader, self.steps_per_epoch - self.skip):
+                yield {"input": inputs, "label": labels, **({"key": list(keys)} if self.keys else {})}
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Re-raises a worker's :class:`LoaderError` with its own one-line message (not the worker's traceback)."""
+    try:
+        yield
+    except LoaderError as err:
+        raise worker_error(err) from None
 
 
 class SampleBatches(Dataset):
@@ -262,9 +301,12 @@ class SampleBatches(Dataset):
     augment is skipped with a warning (the batch is one shorter).
     """
 
-    def __init__(self, index: SampleIndex, transform: SampleFn, *, seed: int, max_open_files: int) -> None:
+    def __init__(self, index: SampleIndex, transform: SampleFn, *, seed: int, max_open_files: int,
+                 policy: ReadPolicy | None = None) -> None:
         self.index, self.transform, self.seed = index, transform, seed
         self.files = ShardFiles(index.paths, max_open_files)
+        self.policy = policy or ReadPolicy()
+        self.guard = self.policy.guard()
 
     def __len__(self) -> int:
         return self.index.num_samples
@@ -272,17 +314,24 @@ class SampleBatches(Dataset):
     def __getitem__(self, batch: PlannedBatch) -> dict[str, Any]:
         inputs, labels, keys = [], [], []
         for sample_id, position in zip(batch.ids.tolist(), batch.positions.tolist(), strict=True):
-            sample = read_sample(self.index, self.files, sample_id)
+            try:
+                sample = read_sample(self.index, self.files, sample_id)
+            except LoaderError as err:  # the shard is not what the manifest says (truncated, replaced, gone)
+                path = self.index.paths[int(self.index.shard_of(np.array([sample_id]))[0])]
+                self.policy.shard_bad(str(err), path)
+                continue
             try:
                 with _seeded(seed_of(self.seed, batch.epoch, position)):
                     inputs.append(self.transform(sample))
-            except Exception as exn:  # noqa: BLE001 - the stream mode's policy: skip and warn
-                _skip_and_count(exn)
+            except Exception as exn:  # noqa: BLE001 - skip, warn (rate-limited), stop past the threshold
+                self.guard.failed(exn)
                 continue
+            self.guard.ok()
             labels.append(int(sample[CLS]))
             keys.append(sample["__key__"])
         if not inputs:
-            raise LoaderError(f"every sample of batch {batch.step} of epoch {batch.epoch} failed to decode")
+            raise LoaderError(f"every sample of batch {batch.step} of epoch {batch.epoch} failed to decode or was "
+                              f"in a bad shard (first error: {self.guard.first})")
         return {"input": torch.stack(inputs), "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
                 "epoch": batch.epoch, "step": batch.step}
 
@@ -356,7 +405,8 @@ class ExactTrainLoader:
             self._next = (self.epoch, self.skip)
             self.restarts += 1
         for step in range(self.skip, self.steps_per_epoch):
-            raw = next(self._live)
+            with _one_line_errors():
+                raw = next(self._live)
             if (raw["epoch"], raw["step"]) != (self.epoch, step):  # the sampler and this loop disagree: a bug
                 raise RuntimeError(f"loader out of step: got batch {raw['step']} of epoch {raw['epoch']}, "
                                    f"expected {step} of {self.epoch}")
@@ -370,9 +420,13 @@ class EvalLoader:
 
     loader: DataLoader
 
+    expected_samples: int = -1
+    """Samples every rank together must evaluate (``dataset.json``, less skipped shards); -1: unknown."""
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for inputs, labels, _ in self.loader:
-            yield {"input": inputs, "label": labels}
+        with _one_line_errors():
+            for inputs, labels, _ in self.loader:
+                yield {"input": inputs, "label": labels}
 
 
 def build_train_loader(
@@ -392,6 +446,7 @@ def build_train_loader(
     shuffle_shards: int = 16,
     max_open_files: int = 64,
     keys: bool = False,
+    policy: ReadPolicy | None = None,
 ) -> TrainLoader | ExactTrainLoader:
     """Builds the training loader of one rank.
 
@@ -413,6 +468,8 @@ def build_train_loader(
         shuffle_shards: ``exact``: shards whose samples are shuffled together.
         max_open_files: ``exact``: shard files each worker keeps open.
         keys: Add each batch's sample keys as ``"key"`` (a list of ``str``).
+        policy: Bad shards and decode failures (:class:`~pipeline.data.integrity.ReadPolicy`; default:
+            stop on a bad shard); its ``exclude`` shards are left out of the plan.
 
     Returns:
         A loader yielding ``{"input": B×3×H×W (or B×3×T×H×W) uint8, "label": B int64}`` for
@@ -423,8 +480,9 @@ def build_train_loader(
             ranks × workers and no resampling.
     """
     pin = torch.cuda.is_available()
+    policy = policy or ReadPolicy()
     if sampler == "exact":
-        index = SampleIndex.load(dataset_dir, split)
+        index = SampleIndex.load(dataset_dir, split, exclude=policy.exclude)
         try:
             plan = SamplePlan(index.sizes, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
                               block_shards=shuffle_shards)
@@ -432,7 +490,7 @@ def build_train_loader(
             raise LoaderError(f"{split} has {index.num_samples} samples, fewer than one global batch of "
                               f"{world_size} × {batch_size}: lower data.batch_size") from err
         sampler = _PlanSampler(plan)
-        dataset = SampleBatches(index, transform, seed=seed, max_open_files=max_open_files)
+        dataset = SampleBatches(index, transform, seed=seed, max_open_files=max_open_files, policy=policy)
         # batch_size=None: the planned batches arrive whole; the generator only seeds the workers' base seed.
         exact = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
                            persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin,
@@ -440,11 +498,11 @@ def build_train_loader(
         logger.info("train loader: exact sampling, %d samples in %d shards, %d steps/epoch per rank, %d workers",
                     index.num_samples, len(index.paths), plan.steps_per_epoch, num_workers)
         return ExactTrainLoader(plan, exact, sampler, keys=keys)
-    shards, _ = read_split(dataset_dir, split)
+    shards, _ = read_split(dataset_dir, split, policy.exclude)
     check_shards(shards, split, world_size, num_workers, resample)
     steps = steps_per_epoch(shards, split, world_size, batch_size)
     stream = ShardStream(shards, transform, rank=rank, world_size=world_size, seed=seed, train=True,
-                         shuffle_buffer=shuffle_buffer, resample=resample)
+                         shuffle_buffer=shuffle_buffer, resample=resample, policy=policy)
     # Its own generator: creating an iterator then never draws from the training process's RNG.
     loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, drop_last=True,
                         persistent_workers=persistent_workers and num_workers > 0,
@@ -463,16 +521,20 @@ def build_eval_loader(
     num_workers: int,
     rank: int,
     world_size: int,
+    policy: ReadPolicy | None = None,
 ) -> EvalLoader:
     """Builds an evaluation loader: this rank's share of the split, every sample exactly once overall.
 
     Returns:
         Batches of ``{"input": B×3×H×W uint8 (video: B×V×3×T×H×W), "label": B int64}``; the last batch
         may be smaller and a rank may get no batch at all when the split has fewer shards than ranks.
+        Its ``expected_samples`` is the split's sample count (less ``policy.exclude``'s shards).
     """
-    shards, _ = read_split(dataset_dir, split)
+    policy = policy or ReadPolicy()
+    shards, _ = read_split(dataset_dir, split, policy.exclude)
     mine = shards[rank::world_size]
     workers = min(num_workers, len(mine))
-    stream = ShardStream(shards, transform, rank=rank, world_size=world_size, seed=0, train=False)
-    return EvalLoader(DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=False,
-                                 pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0)))
+    stream = ShardStream(shards, transform, rank=rank, world_size=world_size, seed=0, train=False, policy=policy)
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=False,
+                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
+    return EvalLoader(loader, expected_samples=sum(s.num_samples for s in shards))

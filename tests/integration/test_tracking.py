@@ -1,11 +1,14 @@
-"""Tracking through a real MLflow server that goes away mid-run: training finishes and catches up."""
+"""Tracking through a real MLflow server that goes away mid-run, across a preemption and resume: nothing lost,
+nothing twice."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,35 +34,59 @@ def _wait_for(lines, text: str) -> None:
     raise AssertionError(f"training ended before {text!r}")
 
 
-def test_server_outage_mid_run(digits_shards: Path, tmp_path: Path) -> None:
+def _train(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vitpipe", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_outage_preemption_and_resume_lose_nothing(digits_shards: Path, tmp_path: Path) -> None:
+    """The server is killed at step 5, the job preempted (SIGUSR1) during the outage, the server restarted
+    and the run resumed from an older checkpoint than its last logged step: the pending records are
+    replayed, every train/loss step is in MLflow exactly once, and system metrics go on through the outage."""
     store, port = tmp_path / "server" / "mlflow.db", free_port()
     store.parent.mkdir()
     server = _server(store, port)
+    run_dir = tmp_path / "outage"
     args = ["train", "jobs/demo/vitnano_digits_cls_cpu_quick.toml", f"--data.path={digits_shards}",
             f"--run.output_dir={tmp_path}", "--run.name=outage", f"--tracking.uri=http://127.0.0.1:{port}",
-            "--tracking.log_every_steps=1", "--schedule.epochs=2"]
-    train = subprocess.Popen([sys.executable, "-m", "vitpipe", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            "--tracking.log_every_steps=1", "--schedule.epochs=2", "--tracking.system_metrics_s=0.5",
+            "--checkpoint.every_steps=4", "--checkpoint.keep_last=3"]
+    train = _train(args)
     try:
         _wait_for(train.stderr, "step 5 ")
+        os.killpg(server.pid, signal.SIGKILL)  # killed, not stopped: a crashed tracking server
         stop_server(server)
-        _wait_for(train.stderr, "step 10 ")  # these steps are queued
-        train.send_signal(signal.SIGSTOP)  # hold training while the server comes back
+        down = time.time() * 1000
+        _wait_for(train.stderr, "step 11 ")  # these steps and system samples are queued
+        train.send_signal(signal.SIGUSR1)
+        rest = train.stderr.read()
+        assert train.wait(timeout=120) == 75, rest[-3000:]
+        up = time.time() * 1000
+        assert "could not be delivered; saved to" in rest and (run_dir / "mlflow_pending.json").exists()
+        newest = max(run_dir.glob("checkpoints/step_*"))
+        shutil.rmtree(newest)  # resume from an older checkpoint: its later steps were logged already
         server = _server(store, port)
-        train.send_signal(signal.SIGCONT)
+        train = _train(args)
         rest = train.stderr.read()
         assert train.wait(timeout=300) == 0, rest[-3000:]
     finally:
         train.kill()
         stop_server(server)
-    log = (tmp_path / "outage" / "log.rank0.txt").read_text()
-    assert "MLflow unreachable" in log and "MLflow answers again" in log
-    assert not (tmp_path / "outage" / "mlflow_pending.json").exists()
+    log = (run_dir / "log.rank0.txt").read_text()
+    assert "MLflow unreachable" in log and "a previous job could not deliver" in log
+    assert "not logged again" in log
+    assert not (run_dir / "mlflow_pending.json").exists() and not (run_dir / "mlflow_pending.images").exists()
     client = MlflowClient(f"sqlite:///{store}")
-    (run,) = client.search_runs([client.get_experiment_by_name("vitpipe-demo").experiment_id])
-    assert run.info.status == "FINISHED"
+    exp = client.get_experiment_by_name("vitpipe-demo")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on training runs
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["vitpipe.resumed"] == "true"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert steps == list(range(1, 45))  # nothing lost: 2 epochs × 22 steps
+    assert sorted(steps) == list(range(1, 45))  # 2 epochs × 22 steps, each exactly once
+    system = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert sorted(m.step for m in system) == list(range(len(system)))  # numbering continues across jobs
+    assert any(down < m.timestamp < up for m in system)  # sampled during the outage, delivered later
+    assert any(m.timestamp > up for m in system)  # and after it
     assert run.data.tags["vitpipe.git_sha"] != "unknown"
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -71,19 +72,27 @@ def test_every_record_reaches_the_store_at_close(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_hung_server_loses_nothing(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Records logged while the server is stopped (requests hang) are delivered after it continues."""
+    """Records logged while the server is stopped (requests hang) are delivered after it continues; system
+    metrics are sampled through the outage and go on after it (MLflow's own monitor stops for good)."""
     uri, proc = server
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    lg = MlflowLogger(uri, "exp", "hung", {}, {}, pending_file=tmp_path / "pending.json")
+    lg = MlflowLogger(uri, "exp", "hung", {}, {}, pending_file=tmp_path / "pending.json", system_metrics_s=0.2)
     os.killpg(proc.pid, signal.SIGSTOP)
+    down = time.time() * 1000
     for step in range(1, 21):
         lg.log({"train/loss": float(step)}, step)
     try:
         assert lg.pending  # a stopped server answers nothing: still queued
+        time.sleep(1.5)
     finally:
         os.killpg(proc.pid, signal.SIGCONT)
+    up = time.time() * 1000
+    time.sleep(1.0)
     lg.close()
     assert _steps(uri, lg.run_id, "train/loss") == list(range(1, 21))
+    system = MlflowClient(uri).get_metric_history(lg.run_id, "system/cpu_utilization_percentage")
+    assert sorted(m.step for m in system) == list(range(len(system)))
+    assert any(down < m.timestamp < up for m in system) and any(m.timestamp > up for m in system)
     assert MlflowClient(uri).get_run(lg.run_id).info.status == "FINISHED"
     assert not (tmp_path / "pending.json").exists()
 
@@ -102,7 +111,7 @@ def test_server_gone_at_close_saves_the_queue(own_server, tmp_path: Path, caplog
     assert sum("MLflow unreachable" in r.getMessage() for r in caplog.records) == 1
     saved = json.loads((tmp_path / "pending.json").read_text())
     assert saved["run_id"] == lg.run_id
-    steps = [m[2] for r in saved["records"] for m in r["args"][0]]
+    steps = [m[2] for r in saved["records"] if r["kind"] == "metrics" for m in r["args"][0]]
     assert steps[-5:] == [2, 3, 4, 5, 6] and steps[0] in (1, 2)  # step 1 may have been delivered before the stop
 
 
@@ -147,4 +156,35 @@ def test_preemption_keeps_queued_records(server, tmp_path: Path, mode: str) -> N
         child.kill()
         os.killpg(proc.pid, signal.SIGCONT)
     saved = json.loads((tmp_path / "pending.json").read_text())
-    assert [m[2] for r in saved["records"] for m in r["args"][0]] == [1, 2, 3, 4, 5]
+    assert [m[2] for r in saved["records"] if r["kind"] == "metrics" for m in r["args"][0]] == [1, 2, 3, 4, 5]
+
+
+def test_log_image_reaches_the_image_panel(tmp_path: Path) -> None:
+    """log_image through a real SQLite store: an image under images/ with its key and step in the file name
+    (what MLflow's UI reads for the image panel and its step slider), and the run's logged-images tag."""
+    import numpy as np
+    from PIL import Image
+
+    uri = default_tracking_uri(tmp_path)
+    lg = MlflowLogger(uri, "exp", "img", {}, {}, pending_file=tmp_path / "pending.json")
+    picture = np.zeros((40, 300, 3), np.uint8)
+    picture[:, :150, 0] = 255
+    lg.log_image("pictures/attention", picture, step=7)
+    picture[:] = 0  # the queued copy is not touched
+    lg.log_image("pictures/attention", picture, step=9)
+    with pytest.raises(ValueError, match="H×W×3"):
+        lg.log_image("bad", np.zeros((4, 4), np.uint8), step=1)
+    lg.close()
+    client = MlflowClient(uri)
+    files = sorted(a.path for a in client.list_artifacts(lg.run_id, "images"))
+    pngs = [f for f in files if f.endswith(".png")]
+    assert sorted(f.split("+")[:3] for f in pngs) == [["images/pictures~attention", "step", "7"],
+                                                      ["images/pictures~attention", "step", "9"]]
+    assert len([f for f in files if f.endswith("+compressed.webp")]) == 2  # the panel's thumbnails
+    by_step = {int(f.split("+")[2]): f for f in pngs}
+    with Image.open(client.download_artifacts(lg.run_id, by_step[7], str(tmp_path))) as img:
+        got = np.asarray(img)
+    assert got.shape == (40, 300, 3) and got[0, 0, 0] == 255 and got[0, 200, 0] == 0
+    assert client.get_run(lg.run_id).data.tags.get("mlflow.loggedImages") == "True"
+    exp = client.get_experiment(client.get_run(lg.run_id).info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training view
