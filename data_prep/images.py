@@ -5,14 +5,17 @@ What happens to each kind of input (also in ``docs/data_prep.md``):
 =========================  ===================================================================
 input                      outcome
 =========================  ===================================================================
-JPEG / PNG                 stored byte-for-byte (default) or resized and re-encoded (``resize``)
+8-bit grey/RGB JPEG / PNG  stored byte-for-byte (default) or resized and re-encoded (``resize``)
+other pixels, TIFF         converted to 8-bit L/RGB and re-encoded (PNG; JPEG for JPEG sources), noted:
+                           16-bit, float, palette, alpha, 1-bit, YCbCr, ... (:mod:`data_prep.pixels`)
+EXIF orientation 2..8      turned upright and re-encoded without EXIF (note ``exif-rotated (N)``)
 zero-byte file             quarantined: ``empty file``
 not an image               quarantined: ``PIL cannot identify ...``
 other image format         quarantined: ``unsupported image format ...`` (GIF, BMP, WebP, ...)
 truncated / corrupt data   quarantined: ``truncated or corrupt image data`` (decode check)
 more than ``max_pixels``   quarantined: ``decompression bomb ...`` (checked from the header)
 CMYK / YCCK JPEG           converted: decoded to RGB and re-encoded as JPEG (note ``cmyk->rgb``)
-greyscale                  stored as-is (note ``grayscale``); both loaders decode to RGB
+8-bit greyscale            stored as-is (note ``grayscale``); both loaders decode to RGB
 PNG named ``.JPEG``        stored as ``png`` (the content decides; note ``png named .jpeg``)
 =========================  ===================================================================
 
@@ -20,7 +23,7 @@ The decode check of a JPEG that is stored as-is decodes it at 1/8 scale, luma on
 libjpeg still reads and entropy-decodes every coefficient of every component, so truncated or
 corrupt data fails exactly as in a full decode, but the inverse DCT, chroma upsampling and colour
 conversion run on 1/64 of the pixels (about 1.7x cheaper for a 500x375 photo). Images whose pixels are
-needed (resize, CMYK conversion) are decoded as before; PNGs are decoded in full.
+needed (resize, conversion, orientation) are decoded in full; PNGs are decoded in full.
 """
 
 from __future__ import annotations
@@ -174,7 +177,10 @@ def _encode(img: Image.Image, info: ImageInfo, data: bytes, notes: list[str], op
     jpeg = info.format == "jpeg" and not tiff
     cmyk = mode == "CMYK"  # CMYK and YCCK JPEGs both open as CMYK in PIL
     bits = png_bit_depth(data)
-    orientation = exif_orientation(img)  # JPEG, TIFF: from the header; PNG: its eXIf chunk (checked again below)
+    # JPEG, TIFF: EXIF from the header. PNG: only an eXIf chunk before the pixels here (PIL's getexif would
+    # decode a PNG to look further, and swallowing a failed decode there could let a truncated PNG pass);
+    # one after the pixels is found once the image is decoded (below).
+    orientation = exif_orientation(img) if tiff or "exif" in img.info else 1  # no EXIF block: nothing to parse
     if mode in GREY_MODES:
         notes.append("grayscale")
     if opts.resize is not None and min(img.size) > opts.resize:
@@ -193,8 +199,9 @@ def _encode(img: Image.Image, info: ImageInfo, data: bytes, notes: list[str], op
         return _png_payload(img, bits, orientation, notes, tiff)
     if opts.decode_check or opts.resize is not None:
         check_decodes(img)  # stored as-is: only whether it decodes matters
-        if not jpeg and exif_orientation(img) != 1:  # a PNG's eXIf chunk may follow its pixel data
-            return _png_payload(img, bits, exif_orientation(img), notes, tiff)
+        late = exif_orientation(img) if not jpeg else 1  # a PNG's eXIf chunk may follow its pixel data
+        if late != 1:
+            return _png_payload(img, bits, late, notes, tiff)
     return Encoded([(info.ext, data)], info.format, info.width, info.height, note="; ".join(notes))
 
 

@@ -1,21 +1,25 @@
 """Reading inputs: a bounded thread map and reads that never hang.
 
 :func:`ordered_map` reads and encodes inputs ahead of the shard writer, in order; :func:`read_source`
-never opens a FIFO or device and gives up on a read that blocks (a hung network file system).
+never opens a FIFO or device; with a timeout, :func:`ordered_map` gives up on a call that blocks (a read on
+a hung network file system) without waiting for its thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from data_prep.errors import PrepError
 from data_prep.walk import file_kind, stat_error_reason
 
 #: Seconds a source read may block before the input is quarantined as ``read timeout``.
@@ -25,7 +29,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *, timeout_s: float | None = None,
+                on_timeout: Callable[[T, float], R] | None = None) -> Iterator[R]:
     """Like ``map(fn, items)``, but runs up to ``workers`` calls at once on threads.
 
     Results come back in input order, and at most ``4 * workers`` results are held at a time, so
@@ -34,11 +39,22 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
     Args:
         fn: Function to apply.
         items: Inputs.
-        workers: Thread count; 1 or less runs in the calling thread.
+        workers: Thread count; 1 or less runs in the calling thread (unless ``timeout_s`` is given).
+        timeout_s: With ``on_timeout``: a call that has run this long (a read blocked on a hung network
+            file system) is given up: its thread is abandoned (a daemon, replaced by a new one) and
+            ``on_timeout(item, timeout_s)`` is yielded in its place. None or 0: no limit.
+        on_timeout: What to yield for a call that timed out.
 
     Yields:
         ``fn(item)`` for each item, in order. An exception raised by ``fn`` is re-raised here.
+
+    Raises:
+        PrepError: When more than ``MAX_STUCK`` calls of this process are blocked (the file system
+            does not answer at all): one line instead of threads without bound.
     """
+    if timeout_s and on_timeout is not None:
+        yield from _timed_map(fn, items, max(workers, 1), timeout_s, on_timeout)
+        return
     if workers <= 1:
         yield from map(fn, items)
         return
@@ -60,66 +76,102 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class SourceError(Exception):
-    """An input that cannot be read; ``str(exc)`` is the quarantine reason."""
+#: Blocked calls a process abandons before it gives up on the source (each holds one thread).
+MAX_STUCK = 64
+_stuck = 0
+_stuck_lock = threading.Lock()
 
 
 class _Job:
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("done", "error", "fn", "item", "result", "started")
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.fn, self.done, self.result, self.error = fn, threading.Event(), None, None
+    def __init__(self, fn: Callable[[Any], Any], item: Any) -> None:
+        self.fn, self.item = fn, item
+        self.done = threading.Event()
+        self.started: float | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 
-class _DaemonReaders:
-    """Daemon threads that run blocking reads, so that a read stuck in the kernel can be abandoned.
+class _DaemonPool:
+    """Worker threads that are daemons, so that one stuck in the kernel can be abandoned.
 
-    A ``ThreadPoolExecutor``'s threads are joined at interpreter exit, so one stuck read would hang
-    the whole prep; these are daemon threads, and a thread whose read timed out is replaced rather
-    than waited for. At most ``_MAX_STUCK`` threads are ever abandoned per process (then reads fail
-    at once), so a dead file system cannot make the process start threads without bound.
+    ``concurrent.futures`` threads are joined at shutdown and at interpreter exit, so one read blocked
+    on a dead mount would hang the whole prep; these are not waited for.
     """
 
-    _MAX_STUCK = 64
+    def __init__(self, workers: int) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads = 0
+        for _ in range(workers):
+            self.add_thread()
 
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0
-        self.stuck = 0
+    def add_thread(self) -> None:
+        """Start one more worker (in place of one that is stuck)."""
+        threading.Thread(target=self._serve, name="data_prep-read", daemon=True).start()
+        self._threads += 1
 
     def _serve(self) -> None:
-        while True:
-            job = self._jobs.get()
+        while (job := self._jobs.get()) is not None:
+            job.started = time.monotonic()
             try:
-                job.result = job.fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                job.result = job.fn(job.item)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
                 job.error = exc
             job.done.set()
-            with self._lock:
-                self._idle += 1
 
-    def run(self, fn: Callable[[], R], timeout_s: float) -> R:
-        """Run ``fn`` on a reader thread; raise TimeoutError when it has not returned after ``timeout_s``."""
-        with self._lock:
-            if self.stuck >= self._MAX_STUCK:
-                raise TimeoutError(f"{self.stuck} earlier reads are still blocked")
-            if self._idle > 0:  # every queued job has a thread of its own: none waits behind a stuck read
-                self._idle -= 1
-            else:
-                threading.Thread(target=self._serve, name="data_prep-read", daemon=True).start()
-        job = _Job(fn)
+    def submit(self, fn: Callable[[Any], Any], item: Any) -> _Job:
+        job = _Job(fn, item)
         self._jobs.put(job)
-        if not job.done.wait(timeout_s):
-            with self._lock:
-                self.stuck += 1
-            raise TimeoutError(f"no data after {timeout_s:g} s")
-        if job.error is not None:
-            raise job.error
-        return job.result  # type: ignore[return-value]
+        return job
+
+    def close(self) -> None:
+        """Let every worker end after its current job (a stuck one ends if its call ever returns)."""
+        for _ in range(self._threads):
+            self._jobs.put(None)
 
 
-_READERS = _DaemonReaders()
+def _finished(job: _Job, timeout_s: float) -> bool:
+    """Wait for a job; False once it has been running for ``timeout_s`` (queued time does not count)."""
+    while True:
+        started = job.started
+        wait = 0.05 if started is None else max(0.0, started + timeout_s - time.monotonic())
+        if job.done.wait(wait):
+            return True
+        if started is not None and time.monotonic() - started >= timeout_s:
+            return False
+
+
+def _timed_map(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: float,
+               on_timeout: Callable[[T, float], R]) -> Iterator[R]:
+    global _stuck
+    it = iter(items)
+    pool = _DaemonPool(workers)
+    pending: deque[_Job] = deque(pool.submit(fn, item) for item in itertools.islice(it, 4 * workers))
+    try:
+        while pending:
+            job = pending.popleft()
+            if _finished(job, timeout_s):
+                if job.error is not None:
+                    raise job.error
+                result = job.result
+            else:
+                with _stuck_lock:
+                    _stuck += 1
+                    stuck = _stuck
+                if stuck > MAX_STUCK:
+                    raise PrepError(f"{stuck} reads of the source blocked for more than {timeout_s:g} s: "
+                                    "its file system does not answer (--read-timeout-s)")
+                pool.add_thread()
+                result = on_timeout(job.item, timeout_s)
+            pending.extend(pool.submit(fn, item) for item in itertools.islice(it, 1))
+            yield result
+    finally:
+        pool.close()
+
+
+class SourceError(Exception):
+    """An input that cannot be read; ``str(exc)`` is the quarantine reason."""
 
 
 def check_regular(path: Path) -> str | None:
@@ -135,40 +187,37 @@ def check_regular(path: Path) -> str | None:
     return None
 
 
-def _read_regular(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # O_NONBLOCK: never wait on a FIFO
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SourceError(f"not a regular file: {file_kind(os.fstat(fd).st_mode)}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
+def read_source(path: Path) -> bytes:
+    """Read a source file whole: ``stat`` first (a FIFO, device or socket is never opened), then read it.
 
-
-def read_source(path: Path, timeout_s: float | None = DEFAULT_READ_TIMEOUT_S) -> bytes:
-    """Read a source file whole: ``stat`` first (a FIFO, device or socket is never opened), then a timed read.
+    A read that blocks is given up by the caller's :func:`ordered_map` timeout.
 
     Args:
         path: The file.
-        timeout_s: Seconds a read may block (a hung network file system) before the file is given
-            up as ``read timeout``; None or 0 reads in the calling thread without a limit.
 
     Returns:
         The file's bytes.
 
     Raises:
-        SourceError: With the quarantine reason (``not a regular file: fifo``, ``read timeout: ...``,
-            ``cannot read file: ...``).
+        SourceError: With the quarantine reason (``not a regular file: fifo``, ``cannot read file: ...``).
     """
     reason = check_regular(path)
     if reason is not None:
         raise SourceError("cannot read file: No such file or directory" if reason == "file not found" else reason)
     try:
-        if not timeout_s:
-            return _read_regular(path)
-        return _READERS.run(lambda: _read_regular(path), timeout_s)
-    except TimeoutError as exc:
-        raise SourceError(f"read timeout: {exc} (--read-timeout-s)") from exc
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # never waits on a FIFO
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):  # replaced between stat and open
+                raise SourceError(f"not a regular file: {file_kind(mode)}")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read()
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise SourceError(f"cannot read file: {exc.strerror or type(exc).__name__}") from exc
+
+
+def read_timeout_reason(_item: object, timeout_s: float) -> str:
+    """The quarantine reason of an input whose read (and encode) did not finish within ``timeout_s``."""
+    return f"read timeout: not read and checked after {timeout_s:g} s (--read-timeout-s)"

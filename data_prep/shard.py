@@ -61,7 +61,7 @@ from data_prep.format import (
     sidecar_name,
 )
 from data_prep.images import Encoded, ImageOptions, Quarantine, process_image
-from data_prep.loading import SourceError, check_regular, ordered_map, read_source
+from data_prep.loading import SourceError, check_regular, ordered_map, read_source, read_timeout_reason
 from data_prep.manifest import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, ManifestRow, rows_to_table, write_table_atomic
 from data_prep.plan import Plan, ShardTask, check_split_name, order_samples, task_range
 from data_prep.planfile import PARTS_DIR, PLAN_JSON, read_slice, write_plan
@@ -127,7 +127,7 @@ def encode_sample(sample: Sample, opts: ImageOptions | VideoOptions) -> Encoded 
             if reason is not None:
                 return reason
             return reencode_video(sample.path, sample.start, sample.end, opts)
-        data = read_source(sample.path, opts.read_timeout_s)  # stat first, then a timed read
+        data = read_source(sample.path)  # stat first: a FIFO or device is never opened
         return process_image(data, sample.path.name, opts)
     except (Quarantine, SourceError) as exc:
         return str(exc)
@@ -192,7 +192,8 @@ def write_shard(task: ShardTask, out: Path, opts: ImageOptions | VideoOptions, t
         # Videos are encoded one at a time per process (parallelism comes from the pool): it keeps
         # memory per process at one clip and rules out any cross-talk between encoders in one process.
         encoded = ordered_map(lambda s: encode_sample(s, opts), task.items,
-                              1 if isinstance(opts, VideoOptions) else threads)
+                              1 if isinstance(opts, VideoOptions) else threads,
+                              timeout_s=getattr(opts, "read_timeout_s", None), on_timeout=read_timeout_reason)
         for pos, (sample, enc) in enumerate(zip(task.items, encoded, strict=True)):
             key = sample_key(task.split, task.first + pos)
             if isinstance(enc, str):

@@ -115,7 +115,11 @@ class TreeWalker:
             Paths (under ``top``, through the names they were reached by) of files not listed before.
         """
         top = Path(top)
-        st = os.stat(top)
+        try:
+            st = os.stat(top)
+        except OSError as exc:
+            self._reject(top, stat_error_reason(top, exc))
+            return []
         ident = (st.st_dev, st.st_ino)
         self._dirs.setdefault(ident, self.source(top))
         found: list[tuple[bool, Path, Ident]] = []

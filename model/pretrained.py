@@ -25,17 +25,27 @@ InitMode = Literal["auto", "strict", "finetune", "inflate"]
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Reads weights from ``.safetensors`` or a torch file (a state dict, or one under ``state_dict``/``model``).
 
+    Nothing is unpickled: a torch file is read by torch's ``weights_only`` unpickler, which refuses
+    anything but tensors, numbers, strings and containers (an object planted to run code included).
+
     Raises:
         FileNotFoundError: If the file does not exist.
+        ValueError: If the file cannot be read as weights (naming the file and the reason).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - safetensors, zip and unpickler errors: one message
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a weights file that loads without unpickling code ({reason})") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

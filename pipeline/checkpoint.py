@@ -18,7 +18,8 @@ optimizer, :mod:`pipeline.state_files` for the rest), then hashes the files it w
 Resuming (:func:`choose_checkpoint`, every rank) takes the newest checkpoint whose files all have
 their recorded size and SHA-256, each rank hashing its share, and all ranks agreeing on the outcome
 before anything is loaded; a checkpoint that fails is skipped with a warning and the previous one is
-tried. No file is unpickled: see :mod:`pipeline.state_files` for what is loaded how.
+tried. No file is unpickled: see :mod:`pipeline.state_files` for what is loaded how, and
+:func:`pipeline.engine.weights_only_loads` for accelerate's and DeepSpeed's ``torch.load`` calls.
 
 SHA-256 rather than BLAKE2b: with the SHA extensions of current x86 and ARM CPUs, OpenSSL's SHA-256
 is about twice as fast as ``hashlib``'s BLAKE2b (1.56 vs 0.78 GB/s on the development machine), and
@@ -301,9 +302,9 @@ def load_checkpoint(acc: Any, path: Path, objects: StateObjects, run_id: str | N
     """Loads a verified checkpoint into the live objects on this rank; every rank calls it.
 
     Weights and optimizer through accelerate's ``load_state`` (``safetensors`` and
-    ``torch.load(weights_only=True)``; under DeepSpeed its own loader, which unpickles the files whose
-    hashes :func:`choose_checkpoint` verified), then scheduler, EMA and this rank's RNG states from
-    vitpipe's own files. The ranks then agree on the outcome.
+    ``torch.load(weights_only=True)``; under DeepSpeed its own loader, which asks ``torch.load`` for
+    ``weights_only=False``: the caller runs this under :func:`pipeline.engine.weights_only_loads`), then
+    scheduler, EMA and this rank's RNG states from vitpipe's own files. The ranks then agree on the outcome.
 
     Args:
         acc: The accelerate ``Accelerator`` (model and optimizer prepared).

@@ -12,6 +12,7 @@ MLflow's model registry (``tracking.register_model``).
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,6 @@ def export_run(run_dir: Path, checkpoint: str, out: str | None) -> Path:
         RunError: When ``run_dir`` is not a run directory.
         ExportError: When the checkpoint is missing or incomplete.
     """
-    from pipeline.trainer import _git_sha  # the trainer's code-version tag (imported here: no cycle)
-
     cfg = load_config(config_of(run_dir))
     ckpts = run_dir / "checkpoints"
     if checkpoint == "latest":
@@ -160,7 +159,7 @@ def export_run(run_dir: Path, checkpoint: str, out: str | None) -> Path:
     num_classes = _num_classes(cfg, weights)
     previous = _previous_facts(run_dir)
     info = export_info(cfg, num_classes, recipe=previous.get("recipe", ""),
-                       code_version=previous.get("code_version") or _git_sha())
+                       code_version=previous.get("code_version") or code_version())
     path = write_export(weights, Path(out) if out else run_dir / "export" / f"{checkpoint}.safetensors", info)
     build_model(cfg, num_classes, weights=path)  # strict load: raises on any mismatch
     return path
@@ -209,6 +208,19 @@ def register_export(uri: str, run_id: str, name: str, info: dict[str, Any], run_
     version = client.create_model_version(name, f"runs:/{run_id}/{EXPORT_ARTIFACT}", run_id=run_id, tags=tags)
     logger.info("registered %s version %s in MLflow's model registry", name, version.version)
     return version
+
+
+def code_version() -> str:
+    """The code version: the commit of the vitpipe checkout, with ``-dirty`` for local changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
 
 
 def _tag(value: Any) -> str:

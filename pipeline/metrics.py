@@ -270,19 +270,43 @@ class MlflowLogger(NullLogger):
         return found
 
     def _logged_steps(self, replay: list[tuple[str, tuple, str]]) -> dict[str, int]:
-        """Per metric key, the last step the run already has (delivered, or saved for replay)."""
+        """Per metric key, the last step the run already has.
+
+        Delivered (the state file, and the server's latest metrics for a state file behind a SIGKILL)
+        or saved for replay (the pending file).
+        """
         steps: dict[str, int] = {}
         state = _read_json(self.state_file)
         if state.get("run_id") == self.run_id:
             _merge(steps, state.get("steps", {}).items())
+        _merge(steps, (self._server_steps() or {}).items())
         self._state_steps = dict(steps)
         _merge(steps, ((m.key, m.step) for kind, args, rid in replay if kind == "metrics" and rid == self.run_id
                        for m in args[0]))
-        try:  # the server's latest metric per key (one request), for a state file behind a SIGKILL
-            _merge(steps, ((m.key, m.step) for m in self.client.get_run(self.run_id).data._metric_objs))
+        return steps
+
+    def _server_steps(self) -> dict[str, int] | None:
+        """The run's latest step per metric key on the server (one ``get_run``); None when unreachable.
+
+        Records are delivered in order, so a metric at or below its key's latest step was delivered.
+        """
+        try:
+            return {m.key: int(m.step) for m in self.client.get_run(self.run_id).data._metric_objs}
         except Exception as err:  # noqa: BLE001 - unreachable: the state file is the record
             logger.debug("latest metrics of %s not read: %s", self.run_id, err)
-        return steps
+            return None
+
+    def _drop_delivered(self, latest: dict[str, int]) -> None:
+        """Removes from the queue the metrics the server has (a request that timed out but was stored)."""
+        with self._cond:
+            kept = []
+            for kind, args, rid in self.pending:
+                if kind == "metrics" and rid == self.run_id:
+                    args = ([m for m in args[0] if m.step > latest.get(m.key, -1)],)
+                    if not args[0]:
+                        continue
+                kept.append((kind, args, rid))
+            self.pending[:] = kept
 
     def _not_delivered(self, replay: list[tuple[str, tuple, str]]) -> list[tuple[str, tuple, str]]:
         """The replayed records still to send.
@@ -318,9 +342,18 @@ class MlflowLogger(NullLogger):
                 return  # the last try is made: close() saves what is left
 
     def _send(self) -> None:
-        """Sends the queue in order; stops at the first failure and keeps the rest (sender thread only)."""
+        """Sends the queue in order; stops at the first failure and keeps the rest (sender thread only).
+
+        After an outage, the server's latest steps are read first (one request): a batch whose request
+        timed out on the client but was stored anyway is not sent twice.
+        """
         from mlflow.exceptions import MlflowException
 
+        if self.outage:
+            latest = self._server_steps()
+            if latest is None:
+                return
+            self._drop_delivered(latest)
         while True:
             with self._cond:
                 if not self.pending:

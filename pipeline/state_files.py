@@ -13,7 +13,7 @@ So the scheduler and the EMA are not registered with accelerate, and a checkpoin
 
 What accelerate still loads: ``model.safetensors`` (safetensors) and ``optimizer.bin``
 (``torch.load(weights_only=True)`` with accelerate's small NumPy allow-list); under DeepSpeed its
-own files (see :mod:`pipeline.checkpoint`).
+own files, through torch's weights-only unpickler too (:func:`pipeline.engine.weights_only_loads`).
 """
 
 from __future__ import annotations

@@ -9,8 +9,11 @@ resume), 2 for a problem the user can fix (printed on one line), 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from data_prep.format import FormatError
 from pipeline.config import ConfigError
 from pipeline.config_io import load_config
 from pipeline.data.shards import LoaderError
-from pipeline.dist import world_info_from_env
+from pipeline.dist import watch_launcher, world_info_from_env
 from pipeline.log import setup_logging
 from pipeline.preempt import EXIT_PREEMPTED
 
@@ -53,13 +56,23 @@ def run(recipe: str | None, overrides: list[str]) -> dict[str, Any]:
     """
     cfg = load_config(recipe, overrides)
     setup_logging(world_info_from_env().rank, None, cfg.run.log_level)
+    from pipeline.rundir import StorageError, release_run_dirs, run_dir_of, storage_message
     from pipeline.trainer import Trainer  # heavy imports only after the config is known to be valid
 
-    trainer = Trainer(cfg, Path(recipe).stem if recipe else "run")
+    stem = Path(recipe).stem if recipe else "run"
+    trainer = None
     try:
+        trainer = Trainer(cfg, stem)
         return trainer.fit()
+    except (OSError, RuntimeError) as err:  # a full disk: one line naming the path, not a chain of tracebacks
+        message = storage_message(err, trainer.run_dir if trainer else run_dir_of(cfg, stem))
+        if message is None:
+            raise
+        raise StorageError(message) from None
     finally:
-        trainer.acc.end_training()
+        if trainer is not None:
+            trainer.acc.end_training()
+        release_run_dirs()
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -71,6 +84,25 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.rundir import RunError  # e.g. pipeline.checkpoint.CheckpointError: no checkpoint can be resumed
 
     return ConfigError, LoaderError, FormatError, UnknownModelError, RunError, FileNotFoundError
+
+
+def report_user_error(line: str) -> None:
+    """Prints a user error once per job: rank 0 prints it; under ``vitpipe.launch`` other ranks hand it over.
+
+    The same error is usually raised on every rank (a taken run directory, missing data). Ranks other
+    than 0 started by :mod:`vitpipe.launch` write it to their log file and torchelastic's error file,
+    from which the launcher prints it only if it differs from rank 0's. Under a bare ``torchrun`` every
+    rank prints it (never silent).
+    """
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if world_info_from_env().rank == 0 or not os.environ.get("VITPIPE_LAUNCHER") or not error_file:
+        sys.stderr.write(line + "\n")
+        return
+    logger.warning("%s", line)  # this rank's log file (its console shows errors only)
+    try:
+        Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+    except OSError:
+        sys.stderr.write(line + "\n")
 
 
 def exit_status(summary: dict[str, Any]) -> int:
@@ -113,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         The process exit status (see the module docstring).
     """
     recipe, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    watch_launcher(EXIT_PREEMPTED)  # under torchrun: end with the launcher, never train on as an orphan
     try:
         return exit_status(run(recipe, overrides))
     except user_errors() as err:
-        sys.stderr.write(f"{PROG}: error: {err}\n")
+        report_user_error(f"{PROG}: error: {err}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")

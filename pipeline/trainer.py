@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import random
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,13 @@ from pipeline.data.loaders import build_loaders, input_shape
 from pipeline.dist import broadcast_object
 from pipeline.engine import Engine, weights_only_loads, weights_sharded
 from pipeline.evaluate import evaluate
-from pipeline.export import export_info, register_export, write_export
+from pipeline.export import code_version, export_info, register_export, write_export
 from pipeline.log import setup_logging
 from pipeline.metrics import ConsoleLogger, LoggerContainer, MlflowLogger, NullLogger, default_tracking_uri
 from pipeline.objective import build_objective
 from pipeline.optim import build_optimizer, build_scheduler, peak_lr
 from pipeline.preempt import EXIT_PREEMPTED, Preempted, Preemption
-from pipeline.rundir import check_run_dir, run_dir_of
+from pipeline.rundir import RunError, check_run_dir, free_space, lock_run_dir, reserve_space, run_dir_of
 from pipeline.state_files import StateObjects
 
 logger = logging.getLogger(__name__)
@@ -77,16 +76,19 @@ def resolve_run_dir(cfg: JobCfg, recipe_stem: str, is_main: bool) -> Path:
     """Picks the run directory on rank 0 (``<output_dir>/<name>``) and shares it with all ranks.
 
     A directory with an unfinished run is taken over (and resumed from its latest checkpoint when
-    ``checkpoint.resume`` is on); one whose run finished is refused.
+    ``checkpoint.resume`` is on); one whose run finished is refused. Rank 0 holds the directory's lock
+    for the rest of its life (:func:`pipeline.rundir.lock_run_dir`): one job per run directory.
 
     Raises:
-        ConfigError: On every rank, when the directory cannot be used.
+        ConfigError: On every rank, when the directory cannot be used (or another job holds it).
     """
     run_dir, error = run_dir_of(cfg, recipe_stem), None
     if is_main:
         try:
+            lock_run_dir(run_dir)
             check_run_dir(run_dir, cfg.checkpoint.resume)
-        except ConfigError as err:
+            reserve_space(run_dir)
+        except (ConfigError, RunError, OSError) as err:
             error = str(err)
     run_dir_text, error = broadcast_object((str(run_dir), error))
     if error:  # raised on every rank, so that none waits for the others
@@ -202,7 +204,7 @@ class Trainer:
         uri = t.uri or default_tracking_uri(self.cfg.run.output_dir)
         tags = {"vitpipe.run_dir": str(self.run_dir), "vitpipe.world_size": str(self.world_size),
                 "vitpipe.model": self.cfg.model.name, "vitpipe.engine": self.cfg.engine.backend,
-                "vitpipe.git_sha": _git_sha(), "vitpipe.slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
+                "vitpipe.git_sha": code_version(), "vitpipe.slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
         try:
             return [MlflowLogger(uri, t.experiment, self.run_dir.name, flatten(self.cfg), tags,
                                  run_id=self.mlflow_run_id, system_metrics_s=t.system_metrics_s,
@@ -233,6 +235,10 @@ class Trainer:
             status = "FINISHED"
         except Preempted:
             status = "PREEMPTED"
+        except OSError:  # a full disk: give back the reserve, drop partial checkpoints, then the summary
+            if self.acc.is_main_process:
+                free_space(self.run_dir)
+            raise
         finally:
             self.preemption.restore()
             summary = self.summary(result, time.perf_counter() - start, status)
@@ -406,15 +412,17 @@ class Trainer:
 
     def export_info(self) -> dict[str, Any]:
         """What the final export says about itself (model, classes, input, preprocessing, recipe, code version)."""
-        return export_info(self.cfg, self.num_classes, recipe=self.recipe_stem, code_version=_git_sha())
+        return export_info(self.cfg, self.num_classes, recipe=self.recipe_stem, code_version=code_version())
 
     def register_final(self) -> None:
         """With ``tracking.register_model``: the main rank registers the logged export in MLflow's model registry.
 
         Called after the run's records are delivered; a registry that fails only warns.
         """
-        if not (self.cfg.tracking.register_model and self.cfg.tracking.enabled and self.acc.is_main_process
-                and self.mlflow_run_id):
+        if not (self.cfg.tracking.register_model and self.acc.is_main_process):
+            return
+        if not self.mlflow_run_id:  # tracking off, or the store was unreachable at the start
+            logger.warning("tracking.register_model = true, but this run has no MLflow run: model not registered")
             return
         uri = self.cfg.tracking.uri or default_tracking_uri(self.cfg.run.output_dir)
         try:
@@ -431,7 +439,11 @@ class Trainer:
                "world_size": self.world_size, "seconds": round(seconds, 1),
                "val_top1": result.get("top1"), "val_top5": result.get("top5"), "val_samples": result.get("samples")}
         if self.acc.is_main_process:
-            atomic_write_bytes(self.run_dir / "summary.json", json.dumps(out, indent=2).encode())
+            try:
+                atomic_write_bytes(self.run_dir / "summary.json", json.dumps(out, indent=2).encode())
+            except OSError as err:  # never hides the error that ended the run
+                logger.error("could not write %s: %s", self.run_dir / "summary.json", err.strerror or err)
+                return out
             self.metrics.log_artifact(self.run_dir / "summary.json")
             self.metrics.log_artifact(self.run_dir / "log.rank0.txt", "logs")
         return out
@@ -496,19 +508,6 @@ def _mark_run_failed(uri: str, run_id: str, reason: str) -> None:
         logger.info("MLflow run %s marked FAILED", run_id)
     except Exception as err:  # noqa: BLE001 - tracking never hides the error being reported
         logger.warning("could not mark MLflow run %s FAILED at %s: %s", run_id, uri, err)
-
-
-def _git_sha() -> str:
-    """The code version: the commit of the vitpipe checkout, with ``-dirty`` for local changes."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
 
 
 def _seed_everything(seed: int) -> None:

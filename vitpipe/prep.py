@@ -46,10 +46,14 @@ Expected input layout (class ids are folder names; any names work):
   SRC/LOC_synset_mapping.txt      optional class names "<wnid> <names>" (or synset_words.txt,
                                   or --synsets FILE; else the devkit's meta.mat)
 
-Images may be .jpg/.jpeg/.png in any letter case. The class list is the sorted train
-folder names (torchvision/timm order), so label i is the i-th folder. Inputs that
-cannot be stored (zero-byte, not an image, truncated, oversized) are quarantined with
-the reason in OUT/quarantine.parquet; CMYK JPEGs are converted to RGB.
+Images may be .jpg/.jpeg/.png/.tif/.tiff in any letter case. The class list is the sorted
+train folder names (torchvision/timm order), so label i is the i-th folder. Inputs that
+cannot be stored (zero-byte, not an image, truncated, oversized, FIFOs and devices,
+symlink loops, a second name of one file, a read that blocks for --read-timeout-s) are
+quarantined with the reason in OUT/quarantine.parquet. Pixels are stored as 8-bit grey
+or RGB that every loader decodes alike: 16-bit and float images scaled (not clipped),
+palette, alpha, CMYK and TIFF converted, EXIF orientation applied; the manifest's note
+column says what was done to each image.
 
 Output (OUT):
 
@@ -83,7 +87,7 @@ _EXAMPLES = {
 
 
 def _epilog(source: str) -> str:
-    out = "/data/" + _EXAMPLES[source].rsplit("/data/", 1)[1]
+    out = _EXAMPLES[source].split("--out ", 1)[1].split()[0]
     return (f"example:\n  {_EXAMPLES[source]}\n  vitpipe prep verify {out} && vitpipe prep inspect {out}\n\n"
             + _SCALE_EPILOG)
 
@@ -115,6 +119,14 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """Argparse type: a number >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
     return value
 
 
@@ -252,6 +264,9 @@ def add_prep_parser(subparsers: Any) -> argparse.ArgumentParser:
           help="check image headers only (faster; truncated files are not caught)")
     o.add(g, "--max-pixels", type=_positive_int, default=89_478_485,
           help="quarantine larger images as decompression bombs (default: %(default)s)")
+    o.add(g, "--read-timeout-s", type=_non_negative, default=60.0, metavar="S",
+          help="quarantine a file whose read blocks longer (hung network file system; 0: wait for ever; "
+               "default: %(default)s)")
     p.set_defaults(func=run_prep_imagenet)
 
     o = _sub(sources, "kinetics", "Kinetics CSVs + <youtube_id>_<start>_<end>.mp4 clips",
@@ -299,17 +314,24 @@ def add_prep_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     merge = sources.add_parser("merge", help="after array tasks: check all shards, write manifests + dataset.json",
                                description="Check that every planned shard is complete, then write the split "
-                               "manifests, quarantine.parquet and dataset.json.")
+                               "manifests, quarantine.parquet and dataset.json.",
+                               epilog="example:\n  vitpipe prep merge /data/imagenet-wds",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("out", type=Path, metavar="OUT")
     merge.set_defaults(func=run_merge)
     verify = sources.add_parser("verify", help="re-read every shard and check it against the manifests",
                                 description="Re-read every shard; check counts, index files, offsets, sha256 and "
-                                "labels against the manifests; decode a sample. Exit 1 on any mismatch.")
+                                "labels against the manifests; decode a sample. Exit 1 on any mismatch.",
+                                epilog="example:\n  vitpipe prep verify /data/imagenet-wds --decode-fraction 0.05",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("out", type=Path, metavar="OUT")
     verify.add_argument("--decode-fraction", type=_fraction, default=0.01, metavar="F",
                         help="fraction of payloads to decode (default: %(default)s; at least one per shard)")
     verify.set_defaults(func=run_verify)
-    inspect = sources.add_parser("inspect", help="class histogram, sizes, formats of a prepared dataset")
+    inspect = sources.add_parser("inspect", help="class histogram, sizes, formats of a prepared dataset",
+                                 description="Class histogram, sizes and formats of a prepared dataset.",
+                                 epilog="example:\n  vitpipe prep inspect /data/imagenet-wds --json",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     inspect.add_argument("out", type=Path, metavar="OUT")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(func=run_inspect)
@@ -323,13 +345,13 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _request(args: argparse.Namespace) -> list[str]:
-    """The command a plan is made for: the array tasks' command without ``--out`` and ``--threads``."""
+    """The command a plan is made for: the array tasks' command without ``--out``, ``--threads`` and the timeout."""
     argv, request = _task_argv(args), []
     skip = False
     for token in argv:
         if skip:
             skip = False
-        elif token in ("--out", "--threads"):
+        elif token in ("--out", "--threads", "--read-timeout-s"):
             skip = True
         else:
             request.append(token)
@@ -415,7 +437,8 @@ def _image_plan(args: argparse.Namespace) -> tuple[Callable[[], Any], Any]:
 
     opts = ImageOptions(resize=getattr(args, "resize", None), quality=getattr(args, "quality", 90),
                         decode_check=not getattr(args, "header_only", False),
-                        max_pixels=getattr(args, "max_pixels", 89_478_485))
+                        max_pixels=getattr(args, "max_pixels", 89_478_485),
+                        read_timeout_s=getattr(args, "read_timeout_s", 60.0))
 
     def build() -> Any:
         return build_image_plan(args.src, splits=args.splits, shard_size=args.shard_size, seed=args.seed, opts=opts,
@@ -447,14 +470,43 @@ def _video_plan(args: argparse.Namespace) -> tuple[Callable[[], Any], Any]:
     return build, opts
 
 
+#: Path options that must name an existing folder / file (checked before anything is scanned).
+_DIR_OPTIONS = ("src", "videos", "root", "devkit")
+_FILE_OPTIONS = ("annotations", "labels", "train", "validation", "val", "vocab", "classes", "val_solution",
+                 "synsets", "list")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Raise PrepError (exit 2) naming the first source folder or file that does not exist."""
+    if getattr(args, "slurm", False) and getattr(args, "dry_run", False):
+        return  # nothing is read here: the paths may exist only where the jobs run
+    for dest in _DIR_OPTIONS:
+        value = getattr(args, dest, None)
+        if isinstance(value, Path) and not value.is_dir():
+            flag = "--" + dest.replace("_", "-")
+            raise PrepError(f"no such directory: {value} ({flag})" if not value.exists()
+                            else f"not a directory: {value} ({flag})")
+    for dest in _FILE_OPTIONS:
+        value = getattr(args, dest, None)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            path = v[1] if isinstance(v, tuple) else v  # --list SPLIT=FILE
+            if isinstance(path, Path) and not path.is_file():
+                flag = "--" + dest.replace("_", "-")
+                raise PrepError(f"no such file: {path} ({flag})" if not path.exists()
+                                else f"not a regular file: {path} ({flag})")
+
+
 def run_prep_imagenet(args: argparse.Namespace) -> int:
     """Run ``prep imagenet`` with parsed arguments (returns 0; raises PrepError on unusable input)."""
+    _check_paths(args)
     build, opts = _image_plan(args)
     return _submit(args, build) if args.slurm else _run(args, build, opts)
 
 
 def run_prep_video(args: argparse.Namespace) -> int:
     """Run ``prep kinetics|ssv2|diving48|videolist`` with parsed arguments."""
+    _check_paths(args)
     build, opts = _video_plan(args)
     return _submit(args, build) if args.slurm else _run(args, build, opts)
 

@@ -8,7 +8,8 @@ and the server counts as up only when our own process group listens on the port 
 ``--auth`` serves MLflow's basic-auth app: the admin user comes from ``--auth-file`` (one line
 ``user:password``, readable by its owner only) or from ``VITPIPE_UI_USER`` / ``VITPIPE_UI_PASSWORD``; the
 auth config and user store live beside the runs (``<runs>/mlflow-auth.ini``, ``<runs>/mlflow-auth.db``).
-MLflow's telemetry is off unless the environment sets ``MLFLOW_DISABLE_TELEMETRY`` itself.
+MLflow's telemetry is off unless the environment sets ``MLFLOW_DISABLE_TELEMETRY`` itself. The printed address
+opens the latest experiment's runs table in MLflow's "Model training" view.
 """
 
 from __future__ import annotations
@@ -358,6 +359,24 @@ def _address(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def start_page(store: Path) -> str:
+    """The UI page to open: the latest experiment's runs table, in MLflow's "Model training" view.
+
+    MLflow 3 opens an experiment on its GenAI overview unless the URL or the browser's stored choice says
+    otherwise; the URL parameter is not stored, so the sidebar's "Model training" switch is for later visits.
+    """
+    import sqlite3
+
+    view = "?workflowType=machine_learning"
+    try:
+        with sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True) as db:
+            row = db.execute("SELECT experiment_id FROM runs WHERE lifecycle_stage = 'active' "
+                             "ORDER BY start_time DESC LIMIT 1").fetchone()
+    except sqlite3.Error:
+        row = None
+    return f"/#/experiments/{row[0]}/runs{view}" if row else f"/#/experiments{view}"
+
+
 def run_ui_command(args: argparse.Namespace) -> int:
     """Serves the UI until SIGHUP, SIGINT (Ctrl-C) or SIGTERM; every server process ends with it."""
     runs = Path(args.runs)
@@ -383,7 +402,7 @@ def run_ui_command(args: argparse.Namespace) -> int:
         if credentials:
             check_login(url, *credentials, runs)
         login = f", login as {credentials[0]!r}" if credentials else ""
-        sys.stdout.write(f"MLflow UI for {store.resolve()} at {url}/#/experiments  (Ctrl-C stops it{login})\n")
+        sys.stdout.write(f"MLflow UI for {store.resolve()} at {url}{start_page(store)}  (Ctrl-C stops it{login})\n")
         sys.stdout.flush()
         proc.wait()
         if proc.returncode:

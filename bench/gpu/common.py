@@ -36,12 +36,12 @@ SIZES: dict[str, dict[str, Any]] = {
                    train_model="vit_base_patch16_224_fused", train_size=224, train_batch=128, train_steps=50,
                    log_every=10, engine_batch=64, engine_steps=30),
     "smoke": dict(images=24, classes=4, shard_size=8, jpeg_quality=95, clips=4, clip_frames=16,
-                  img_size=64, batch=8, seconds=1.0, rounds=1, warmup=1,
-                  clip_size=64, frames=4, stride=2, video_batch=2, video_seconds=1.0,
+                  img_size=64, batch=8, seconds=0.5, rounds=1, warmup=1,
+                  clip_size=64, frames=4, stride=2, video_batch=2, video_seconds=0.5,
                   structsa=["--device", "cpu", "--dtype", "fp32", "--cases", "image", "--paths", "fused", "--warmup",
                             "0", "--repeat", "1"],
                   models=[("vit_pico_patch4_32", 32)], model_batch=8, model_warmup=1, model_iters=2,
-                  train_model="vit_pico_patch4_32", train_size=32, train_batch=8, train_steps=6,
+                  train_model="vit_pico_patch4_32", train_size=32, train_batch=8, train_steps=4,
                   log_every=2, engine_batch=8, engine_steps=4),
 }
 

@@ -56,6 +56,7 @@ def render_pictures(net: torch.nn.Module, inputs: torch.Tensor, mean: Sequence[f
         return []
     if inputs.dim() == 6:
         inputs = inputs[:, 0]
+    inputs = inputs.to(next(net.parameters()).dtype)  # the model's own precision (inputs may be bf16)
     was_training = net.training
     net.eval()
     try:

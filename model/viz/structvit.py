@@ -118,6 +118,7 @@ def render_attention(net: StructViT, image: torch.Tensor, query: tuple[int, int]
         over it, and the D detector maps on one shared scale.
     """
     merged, per_d, token = structural_attention(net, image, query, stage, block)
+    merged, per_d = merged.float().cpu(), per_d.float().cpu()  # drawn on the host
     rgb, f = _enlarged(to_uint8(image, mean, std))
     lim = float(merged.abs().max()) or 1.0
     share = per_d.flatten(1).sum(1) / max(float(per_d.sum()), 1e-12)
@@ -149,6 +150,7 @@ def render_video_attention(net: StructViT, clip: torch.Tensor, stage: int = 2, b
     t, h, w = clip.shape[1:]
     centre = (t // 2, h // 2, w // 2)  # the middle frame lies in the middle time position
     merged, per_d, token = structural_attention(net, clip, centre, stage, block)
+    merged, per_d = merged.float().cpu(), per_d.float().cpu()  # drawn on the host
     frames = to_uint8(clip, mean, std)  # (T, H, W, 3)
     lim = float(merged.abs().max()) or 1.0
     attention = per_d.sum(0)  # (T″, H″, W″): over heads and detectors

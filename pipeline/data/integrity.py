@@ -174,8 +174,12 @@ class SkipGuard:
         self._reset_if_forked()
         self._tick()
 
-    def failed(self, exn: BaseException) -> None:
+    def failed(self, exn: BaseException, sample: str = "") -> None:
         """Counts a sample that failed to decode, warns, and raises when the window's limit is passed.
+
+        Args:
+            exn: What the decoder raised.
+            sample: Names the sample (key and shard) in the messages.
 
         Raises:
             LoaderError: More than ``max_fraction`` of the window failed (one line, with the first error).
@@ -187,6 +191,7 @@ class SkipGuard:
         if self.health is not None:
             self.health.sample_skipped()
         message = f"{type(exn).__name__}: {exn}".splitlines()[0] if str(exn) else type(exn).__name__
+        message = f"{sample}: {message}" if sample else message
         self.first = self.first or message
         if self.failures > self.max_fraction * self.window:
             raise LoaderError(

@@ -199,7 +199,7 @@ class ShardStream(IterableDataset):
             except LoaderError:
                 raise
             except Exception as exn:  # noqa: BLE001 - skip, warn (rate-limited), stop past the threshold
-                self.guard.failed(exn)
+                self.guard.failed(exn, f"{sample.get('__key__')} of {sample.get('__url__')}")
                 continue
             self.guard.ok()
             yield out
@@ -324,7 +324,7 @@ class SampleBatches(Dataset):
                 with _seeded(seed_of(self.seed, batch.epoch, position)):
                     inputs.append(self.transform(sample))
             except Exception as exn:  # noqa: BLE001 - skip, warn (rate-limited), stop past the threshold
-                self.guard.failed(exn)
+                self.guard.failed(exn, f"{sample.get('__key__')} of {sample.get('__url__')}")
                 continue
             self.guard.ok()
             labels.append(int(sample[CLS]))

@@ -65,7 +65,6 @@ def picture_runs(video_sets: dict[str, Path], tmp_path_factory: pytest.TempPathF
     """The three runs, trained concurrently once per session."""
     from mlflow.tracking import MlflowClient
 
-    import resource, time; t0 = time.time()  # TIMING
     root = tmp_path_factory.mktemp("picture-runs")
     seven = _seven_classes(root / "seven")
     MlflowClient(f"sqlite:///{root / 'template.db'}").search_experiments()  # creates the tables
@@ -77,20 +76,19 @@ def picture_runs(video_sets: dict[str, Path], tmp_path_factory: pytest.TempPathF
         "filtervit": [f"--data.path={seven}", "--model.name='filtervit_pico'",
                       "--model.num_classes=7", "--data.batch_size=8", "--tracking.register_model=true"],
     }
-    t1 = time.time()  # TIMING
     for name in jobs:
         (root / name).mkdir()
         shutil.copyfile(root / "template.db", root / name / "mlflow.db")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "vitpipe", "train", RECIPE, *COMMON, *args,
-                                     f"--run.output_dir={root / name}", f"--run.name={name}"],
-                                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for name, args in jobs.items()}
+    procs = {}
+    for name, args in jobs.items():
+        with open(root / name / "console.txt", "w") as console:  # a file: no pipe fills up while others run
+            procs[name] = subprocess.Popen([sys.executable, "-m", "vitpipe", "train", RECIPE, *COMMON, *args,
+                                            f"--run.output_dir={root / name}", f"--run.name={name}"],
+                                           cwd=ROOT, env=env, stdout=console, stderr=subprocess.STDOUT)
     runs = {}
     for name, proc in procs.items():
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{name}: {err[-3000:]}"
+        assert proc.wait(timeout=600) == 0, f"{name}: {(root / name / 'console.txt').read_text()[-3000:]}"
         summary = json.loads((root / name / name / "summary.json").read_text())
         runs[name] = Run(root / name / name, summary["tracking_uri"], summary["mlflow_run_id"], summary)
-    Path("/tmp/vizout/timing.txt").write_text(f"prep {t1 - t0:.1f} runs {time.time() - t1:.1f} cpu {resource.getrusage(resource.RUSAGE_CHILDREN)}\n")  # TIMING
     return runs

@@ -75,12 +75,13 @@ def test_a_bad_shard_stops_training_naming_it(data: Path, tmp_path: Path, how: s
     assert "Traceback" not in line
 
 
-@pytest.mark.parametrize("sampler", ["exact", "stream"])
-def test_skip_mode_leaves_bad_shards_out_and_counts_them(data: Path, sampler: str) -> None:
+@pytest.mark.parametrize("backend, sampler", [("wds", "exact"), ("wds", "stream"), ("dali", "exact")])
+def test_skip_mode_leaves_bad_shards_out_and_counts_them(data: Path, backend: str, sampler: str) -> None:
     _damage(data, "deleted")
     (data / "val" / "val-000001.tar").unlink()
     cfg = load_config(RECIPE, [f"--data.path={data}", "--data.on_bad_shard=skip", f"--data.sampler={sampler}",
-                               "--data.num_workers=0"])
+                               "--data.num_workers=0", f"--data.backend={backend}", "--data.dali_device=cpu",
+                               "--data.dali_threads=1"])
     train, evals = build_loaders(cfg, rank=0, world_size=1, device=CPU, num_classes=10)
     assert train.steps_per_epoch == (1438 - 128) // 64  # the plan is made over the sound shards
     assert evals.expected_samples == 359 - 128

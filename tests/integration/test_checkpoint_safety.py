@@ -145,6 +145,23 @@ def test_every_file_is_checked_and_no_loader_unpickles(digits_shards: Path, tmp_
     assert not (tmp_path / "EXECUTED").exists()
 
 
+def test_init_from_refuses_a_pickle_payload_in_one_line(tmp_path: Path) -> None:
+    """``model.init_from`` (and timm's ``checkpoint_path``) read torch files with the weights-only unpickler."""
+    from model.factory import create_model
+    from pipeline.build import build_model
+    from pipeline.config import ConfigError
+    from pipeline.config_io import load_config
+
+    marker, weights = tmp_path / "EXECUTED", tmp_path / "weights.pt"
+    payload_bytes(marker, weights)
+    cfg = load_config(RECIPE, [f"--model.init_from={weights}", "--model.num_classes=10"])
+    with pytest.raises(ConfigError, match="not a weights file that loads without unpickling code"):
+        build_model(cfg)
+    with pytest.raises(Exception, match="weights_only=True blocked loading"):  # timm's own message
+        create_model("vit_nano_patch8_32", num_classes=10, img_size=32, checkpoint_path=str(weights))
+    assert not marker.exists()
+
+
 # --------------------------------------------------------------- the worker
 def _worker(engine: str, shards: str, out: str) -> dict:
     """Builds the real trainer, writes two checkpoints and probes every file of the second one."""

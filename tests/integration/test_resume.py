@@ -80,12 +80,19 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(digits_shards: Pat
                                                   "--checkpoint.keep_last=3", "--tracking.enabled=false"]
     assert _preempt_after(args, step=7) == EXIT_PREEMPTED
     ckpts = tmp_path / "c" / "checkpoints"
-    weights = ckpts / (ckpts / "latest").read_text() / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as a lost write after a crash leaves it
+    latest, older, oldest = sorted(ckpts.glob("step_*"), reverse=True)  # the preemption's, step 6, step 3
+    assert (ckpts / "latest").read_text() == latest.name
+    weights = bytearray((latest / "model.safetensors").read_bytes())
+    weights[8:200] = bytes(192)  # the same size: only the content hash can tell (issue 14, finding 6)
+    (latest / "model.safetensors").write_bytes(bytes(weights))
+    optimizer = older / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])  # truncated, as a lost write after a crash leaves it
     proc = run_cli(*args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "is corrupt (model.safetensors differ" in proc.stderr
-    assert "resumed from" in proc.stderr and "step_00000006: step 6" in proc.stderr
+    assert (f"checkpoint {latest} is corrupt (model.safetensors: content differs from its recorded sha256 "
+            "(same size))") in proc.stderr
+    assert f"checkpoint {older} is corrupt (optimizer.bin: 1000 bytes," in proc.stderr
+    assert f"resumed from {oldest}: step 3" in proc.stderr
 
 
 def _preempt_rank(args: list[str], rank: int, step: int) -> int:
@@ -129,10 +136,18 @@ def test_zero2_preemption_resumes_bit_exactly(digits_shards: Path, tmp_path: Pat
 
     full = run_cli(*args("full"), timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
-    assert _preempt_rank(args("cut"), rank=0, step=6) != 0
-    assert list((tmp_path / "cut" / "checkpoints").glob("step_*/pytorch_model/*optim_states.pt"))
-    again = run_cli(*args("cut"), timeout=300)
+    cut = [*args("cut"), "--checkpoint.every_steps=2", "--checkpoint.keep_last=2"]
+    assert _preempt_rank(cut, rank=0, step=6) != 0
+    latest, previous = sorted((tmp_path / "cut" / "checkpoints").glob("step_*"), reverse=True)
+    shard = latest / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # hashed and verified by rank 1
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one bit pattern flipped, the same size
+    shard.write_bytes(bytes(data))
+    again = run_cli(*cut, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert (f"checkpoint {latest} is corrupt (pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt: content "
+            "differs") in again.stderr
+    assert f"resumed from {previous}" in again.stderr  # both ranks: the same fallback, then an exact resume
     a, b = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

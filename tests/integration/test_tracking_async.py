@@ -48,13 +48,19 @@ def own_server(tmp_path: Path):
     yield from _serve(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite store for the tests without a server (its schema is created once)."""
+    return default_tracking_uri(tmp_path_factory.mktemp("sqlite"))
+
+
 def _steps(uri: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def test_every_record_reaches_the_store_at_close(tmp_path: Path) -> None:
+def test_every_record_reaches_the_store_at_close(sqlite_uri: str, tmp_path: Path) -> None:
     """2,500 log calls (5,000 metrics, merged into batches of ≤ 1,000) and an artifact, all delivered by close()."""
-    uri = default_tracking_uri(tmp_path)
+    uri = sqlite_uri
     lg = MlflowLogger(uri, "exp", "r", {"optim.lr": 0.1}, {}, pending_file=tmp_path / "pending.json")
     for step in range(1, 2501):
         lg.log({"train/loss": step / 10, "train/lr": 0.1}, step)
@@ -115,6 +121,42 @@ def test_server_gone_at_close_saves_the_queue(own_server, tmp_path: Path, caplog
     assert steps[-5:] == [2, 3, 4, 5, 6] and steps[0] in (1, 2)  # step 1 may have been delivered before the stop
 
 
+@pytest.mark.slow
+def test_next_job_replays_the_pending_file(server, tmp_path: Path) -> None:
+    """A resumed job starts while the server is unreachable (its run is reopened later) and ends in the
+    outage with metrics and an image pending; the next job, with the server there, sends them first,
+    deletes the pending file and its PNGs, and does not log again the steps the run has."""
+    import numpy as np
+
+    uri, _ = server
+    pending = tmp_path / "pending.json"
+    lg = MlflowLogger(uri, "exp", "replay", {}, {}, pending_file=pending)
+    lg.log({"train/loss": 1.0}, 1)
+    lg.close("KILLED")
+    down = MlflowLogger(f"http://127.0.0.1:{free_port()}", "exp", "replay", {}, {}, run_id=lg.run_id,
+                        pending_file=pending)
+    assert down.run_id == lg.run_id  # kept: reopened once the server answers
+    for step in range(2, 6):
+        down.log({"train/loss": float(step)}, step)
+    down.log_image("pictures/sample0", np.full((8, 256, 3), 200, np.uint8), 5)
+    down.close("KILLED")
+    assert len(list((tmp_path / "pending.images").glob("*.png"))) == 1
+    resumed = MlflowLogger(uri, "exp", "replay", {}, {}, run_id=lg.run_id, pending_file=pending)
+    assert resumed.floor["train/loss"] == 5
+    for step in range(3, 8):  # resumed from a checkpoint at step 2: steps 3–5 are logged already
+        resumed.log({"train/loss": 10.0 * step}, step)
+    resumed.close()
+    client = MlflowClient(uri)
+    history = client.get_metric_history(lg.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0),
+                                                         (6, 60.0), (7, 70.0)]
+    images = [a.path for a in client.list_artifacts(lg.run_id, "images")]
+    assert [p.split("+")[:3] for p in images if p.endswith(".png")] == [["images/pictures~sample0", "step", "5"]]
+    assert client.get_run(lg.run_id).info.status == "FINISHED"
+    assert not pending.exists() and not (tmp_path / "pending.images").exists()
+    assert json.loads((tmp_path / "mlflow_state.json").read_text())["steps"]["train/loss"] == 7
+
+
 CHILD = textwrap.dedent("""
     import os, signal, sys, time
     from pathlib import Path
@@ -159,13 +201,13 @@ def test_preemption_keeps_queued_records(server, tmp_path: Path, mode: str) -> N
     assert [m[2] for r in saved["records"] if r["kind"] == "metrics" for m in r["args"][0]] == [1, 2, 3, 4, 5]
 
 
-def test_log_image_reaches_the_image_panel(tmp_path: Path) -> None:
+def test_log_image_reaches_the_image_panel(sqlite_uri: str, tmp_path: Path) -> None:
     """log_image through a real SQLite store: an image under images/ with its key and step in the file name
     (what MLflow's UI reads for the image panel and its step slider), and the run's logged-images tag."""
     import numpy as np
     from PIL import Image
 
-    uri = default_tracking_uri(tmp_path)
+    uri = sqlite_uri
     lg = MlflowLogger(uri, "exp", "img", {}, {}, pending_file=tmp_path / "pending.json")
     picture = np.zeros((40, 300, 3), np.uint8)
     picture[:, :150, 0] = 255
