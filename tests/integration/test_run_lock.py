@@ -55,7 +55,7 @@ def test_lock_records_the_holder_and_a_dead_holder_is_stale(tmp_path: Path) -> N
     holder = json.loads((run / LOCK_FILE).read_text())
     assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())
     other = subprocess.run([sys.executable, "-c", "import sys; from pipeline.rundir import lock_run_dir; "
-                            f"lock_run_dir(sys.argv[1])", str(run)], cwd=ROOT, capture_output=True, text=True)
+                            "lock_run_dir(sys.argv[1])", str(run)], cwd=ROOT, capture_output=True, text=True)
     assert other.returncode != 0 and f"pid {os.getpid()} on host {socket.gethostname()}" in other.stderr
     release_run_dir(run)
     # A holder that died (here: a process that took the lock and exited) leaves a free lock behind.
@@ -80,7 +80,8 @@ def test_lock_records_the_holder_and_a_dead_holder_is_stale(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_second_train_is_refused_and_killed_launcher_leaves_no_trainer(digits_shards: Path, tmp_path: Path) -> None:
     args = ["train", RECIPE, f"--data.path={digits_shards}", f"--run.output_dir={tmp_path}", "--run.name=locked",
-            "--tracking.enabled=false", "--schedule.epochs=50", "--eval.every_epochs=0", "--data.num_workers=1"]
+            "--tracking.enabled=false", "--schedule.epochs=50", "--eval.every_epochs=0", "--data.num_workers=1",
+            "--tracking.log_every_steps=1"]
     launcher = subprocess.Popen([sys.executable, "-m", "vitpipe", *args, "--nproc-per-node", "2"], cwd=ROOT,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -98,14 +99,14 @@ def test_second_train_is_refused_and_killed_launcher_leaves_no_trainer(digits_sh
                          f"pid {holder['pid']} on host {socket.gethostname()} (since {holder['since']}); "
                          "stop that job or wait for it to end"], second.stderr[-3000:]
         assert "Traceback" not in second.stderr
-        assert len(_trainers(str(tmp_path))) == 2  # the first job trains on
+        assert len(_trainers(str(tmp_path))) >= 2  # the first job trains on (trainers, loader workers, agent)
 
         os.killpg(launcher.pid, signal.SIGKILL)  # vitpipe and torchrun's agent; the trainers have their own sessions
         t0 = time.monotonic()
         gone = _wait(lambda: not _trainers(str(tmp_path)), 10.0)
         print(f"trainers gone {time.monotonic() - t0:.1f} s after the launcher's process group was killed")
         assert gone, f"trainers still alive 10 s after the launcher died: {_trainers(str(tmp_path))}"
-        assert "the launcher (pid" in log.read_text()
+        assert "received SIGTERM" in log.read_text()  # the parent-death signal, as for a preemption
     finally:
         for pid in _trainers(str(tmp_path)):
             os.kill(pid, signal.SIGKILL)
