@@ -181,8 +181,12 @@ class TarShardWriter:
         if self._closed:
             return
         self._closed = True
-        self._file.close()
-        self._target.discard()
+        try:
+            self._file.close()  # flushes: on a full disk this raises ENOSPC again
+        except OSError as err:
+            logger.debug("%s: closing the discarded shard: %s", self.tar_path, err)
+        finally:
+            self._target.discard()
 
     def __enter__(self) -> TarShardWriter:
         return self

@@ -46,11 +46,13 @@ def torchrun(nproc: int, module_args: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def failure_status(failures: dict[int, object]) -> tuple[int, list[str]]:
+def failure_status(failures: dict[int, object], rank0_here: bool = False) -> tuple[int, list[str]]:
     """The launcher's exit status for torchrun's failed trainers, and the lines to print.
 
     Args:
         failures: Global rank -> ``ProcessFailure`` (``exitcode``, ``pid``, ``message``, ``timestamp``).
+        rank0_here: Whether rank 0 ran under this launcher (``--standalone``): it printed its message itself,
+            and the others' copies are left out (the agent may have stopped rank 0 before it counted as failed).
 
     Returns:
         ``(status, lines)``.
@@ -60,6 +62,8 @@ def failure_status(failures: dict[int, object]) -> tuple[int, list[str]]:
     if all(c in (EXIT_PREEMPTED, *_TERMINATED) for c in codes.values()) and EXIT_PREEMPTED in codes.values():
         return EXIT_PREEMPTED, []
     if codes[first] == EXIT_USER_ERROR:
+        if rank0_here:
+            return EXIT_USER_ERROR, []
         said = failures[0].message if 0 in failures else None
         lines = {f.message for r, f in sorted(failures.items()) if r != 0 and f.exitcode == EXIT_USER_ERROR
                  and isinstance(f.message, str) and f.message.startswith("pipeline.train:") and f.message != said}
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as err:
-        status, lines = failure_status(err.failures)
+        args = sys.argv[1:] if argv is None else argv
+        status, lines = failure_status(err.failures, rank0_here="--standalone" in args)
         for line in lines:
             sys.stderr.write(line + "\n")
         if status == EXIT_PREEMPTED:

@@ -61,6 +61,8 @@ def loader_images(ctx: dict[str, Any], res: Result) -> None:
     """DALI GPU images/s (full augmentation) at hw_decoder_load 0 / 0.65 / 0.9 vs ``wds`` on all cores."""
     import torch
 
+    if reason := missing("webdataset"):  # pipeline.data.loaders needs it, for the DALI rows too
+        return res.finish(reason)
     data = _data(ctx)
     if data is None:
         return res.finish("skipped: no image data (part data did not finish)")
@@ -96,6 +98,8 @@ def loader_video(ctx: dict[str, Any], res: Result) -> None:
     video = (data or {}).get("video")
     if not video:
         return res.finish(missing("av") or "skipped: no clips (part data did not make them)")
+    if reason := missing("webdataset"):
+        return res.finish(reason)
     lo, a = load_bench("loader"), loader_args(ctx)
     torch.set_num_threads(a.main_threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

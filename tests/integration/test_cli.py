@@ -118,8 +118,9 @@ def test_finished_run_is_refused_on_every_rank_without_hanging(digits_shards: Pa
     proc = run_cli("train", "jobs/demo/vitnano_digits_cls_cpu_quick.toml", "--nproc-per-node", "2",
                    f"--data.path={digits_shards}", f"--run.output_dir={tmp_path}", "--run.name=taken",
                    "--tracking.enabled=false", timeout=180)
-    assert proc.returncode != 0
-    assert proc.stderr.count("holds a finished run; choose another run.name") == 2  # both ranks say it
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("holds a finished run; choose another run.name") == 1  # raised on both ranks, printed once
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
 
 
 def test_bf16_accumulation_and_checkpoint_rotation(digits_shards: Path, tmp_path: Path) -> None:

@@ -104,7 +104,8 @@ def _preempt_rank(args: list[str], rank: int, step: int) -> int:
     for line in proc.stderr:
         if f"step {step} " in line:
             trainers = [p for p in psutil.Process(proc.pid).children(recursive=True)  # not the torchrun agent
-                        if "pipeline.train" in " ".join(p.cmdline()) and "distributed.run" not in " ".join(p.cmdline())]
+                        if "pipeline.train" in " ".join(p.cmdline())
+                        and not any(agent in " ".join(p.cmdline()) for agent in ("distributed.run", "vitpipe.launch"))]
             pids = {p.pid for p in trainers}  # loader workers are children of a trainer: leave them out
             ranks = [p for p in trainers if p.ppid() not in pids and f"RANK={rank}" in _environ(p)]
             assert len(ranks) == 1

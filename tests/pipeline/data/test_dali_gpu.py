@@ -5,6 +5,7 @@ Marked ``gpu``: deselected on CPU machines, run with ``bash scripts/test.sh -m g
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from pipeline.config import DataCfg, EvalCfg, JobCfg
 from pipeline.data.loaders import build_eval, build_loaders
 from tests.conftest import shifted_difference
 
-pytestmark = pytest.mark.gpu
+_MISSING = [m for m in ("nvidia.dali", "webdataset", "av") if importlib.util.find_spec(m) is None]
+# Checked before any fixture is built: a GPU image without DALI or PyAV skips here instead of erroring in set-up.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_MISSING), reason=f"not installed: {', '.join(_MISSING)}")]
 
 
 @pytest.fixture(scope="module")
