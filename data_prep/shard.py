@@ -66,7 +66,7 @@ from data_prep.manifest import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, ManifestRow, 
 from data_prep.plan import Plan, ShardTask, check_split_name, order_samples, task_range
 from data_prep.planfile import PARTS_DIR, PLAN_JSON, read_slice, write_plan
 from data_prep.scan import Sample
-from data_prep.tarwrite import TarShardWriter
+from data_prep.tarwrite import TarShardWriter, storage_errno, storage_error
 from data_prep.verify import check_shard_files
 from data_prep.video import VideoOptions
 
@@ -219,13 +219,20 @@ def write_shard(task: ShardTask, out: Path, opts: ImageOptions | VideoOptions, t
         else:
             tar_path.unlink(missing_ok=True)
             (split_dir / index_name(task.name)).unlink(missing_ok=True)
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
             writer.abort()
+        if storage_errno(exc):
+            raise storage_error(exc, tar_path) from None
         raise
     record = {"digest": task.digest, "num_samples": len(rows), "bytes": size, "quarantined": quarantined}
-    write_table_atomic(rows_to_table(rows), sidecar_path(out, task.split, task.index),
-                       {_SHARD_META: json.dumps(record).encode()})
+    sidecar = sidecar_path(out, task.split, task.index)
+    try:
+        write_table_atomic(rows_to_table(rows), sidecar, {_SHARD_META: json.dumps(record).encode()})
+    except OSError as exc:
+        if storage_errno(exc):
+            raise storage_error(exc, sidecar) from None
+        raise
     for key, source, reason in quarantined:
         logger.warning("quarantined %s (%s): %s", source, key, reason)
     return ShardResult(task.split, task.name, len(task.items), len(rows), size, quarantined)

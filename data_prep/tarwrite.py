@@ -12,12 +12,16 @@ shard. The index format is :func:`data_prep.format.format_index`.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from data_prep.errors import PrepError
 from data_prep.format import AtomicPath, ComponentLocation, atomic_write_bytes, format_index
 
 logger = logging.getLogger(__name__)
@@ -25,6 +29,44 @@ logger = logging.getLogger(__name__)
 #: Tar member header format; USTAR gives exactly one 512-byte header per member (names < 100 bytes).
 TAR_FORMAT = tarfile.USTAR_FORMAT
 _MAX_NAME = 99
+
+
+#: OS errors that mean the output cannot be written (rather than a bad input): reported on one line.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+def storage_errno(err: BaseException) -> int | None:
+    """The errno of ``err`` if it is an OS error writing output (full disk, quota, I/O), else None.
+
+    pyarrow's ``OSError`` carries no errno, only the message; that is matched too.
+    """
+    if not isinstance(err, OSError):
+        return None
+    if err.errno in STORAGE_ERRNOS:
+        return err.errno
+    return errno.ENOSPC if "No space left on device" in str(err) else None
+
+
+def storage_error(err: OSError, path: Path | str) -> PrepError:
+    """A one-line :class:`PrepError` naming ``path`` (or the file in ``err``), the error and the space left.
+
+    Args:
+        err: The OS error (see :func:`storage_errno`).
+        path: The file being written when it happened.
+
+    Returns:
+        ``no space left on device writing <path> (N MB free)`` or the like, to raise ``from None``.
+    """
+    code = storage_errno(err) or errno.EIO
+    target = Path(err.filename or path)
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f" ({shutil.disk_usage(probe).free / 1e6:.1f} MB free)"
+    except OSError:
+        free = ""
+    return PrepError(f"{os.strerror(code).lower()} writing {target}{free}")
 
 
 def _check_name(key: str, ext: str) -> str:

@@ -13,7 +13,8 @@ at step ``k + 1`` (``k + 2`` if it arrives after that step's reduction has start
 The first signal also arms a watchdog: if the process has not exited ``timeout_s`` later (a hung
 collective, a stuck loader), the :meth:`Preemption.at_exit` callbacks run (they save what must not be
 lost, e.g. queued metrics) and the process ends with :data:`EXIT_PREEMPTED` anyway. A second signal
-does the same at once.
+does the same at once. Processes forked from the trainer (DataLoader workers) inherit the handler and,
+under Slurm, the signal too: there the handler does nothing, so each rank logs its signal once.
 """
 
 from __future__ import annotations
@@ -58,10 +59,15 @@ class Preemption:
         self._flag = np.zeros(1, dtype=np.float32)
         self._work: Any = None
         self._group = _host_group()
+        self._pid = os.getpid()
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:
+            # A process forked from the trainer (a persistent DataLoader worker) inherits this handler, and
+            # Slurm signals every process of the step: only the trainer acts on (and logs) the signal.
+            return
         if self.signal is not None:
             logger.error("second signal %s: exiting now with status %d", signal.Signals(signum).name, EXIT_PREEMPTED)
             self._exit()

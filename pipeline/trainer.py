@@ -39,7 +39,15 @@ from pipeline.metrics import ConsoleLogger, LoggerContainer, MlflowLogger, NullL
 from pipeline.objective import build_objective
 from pipeline.optim import build_optimizer, build_scheduler, peak_lr
 from pipeline.preempt import EXIT_PREEMPTED, Preempted, Preemption
-from pipeline.rundir import RunError, check_run_dir, free_space, lock_run_dir, reserve_space, run_dir_of
+from pipeline.rundir import (
+    RunError,
+    check_run_dir,
+    free_space,
+    lock_run_dir,
+    reserve_space,
+    run_dir_of,
+    storage_message,
+)
 from pipeline.state_files import StateObjects
 
 logger = logging.getLogger(__name__)
@@ -235,8 +243,8 @@ class Trainer:
             status = "FINISHED"
         except Preempted:
             status = "PREEMPTED"
-        except OSError:  # a full disk: give back the reserve, drop partial checkpoints, then the summary
-            if self.acc.is_main_process:
+        except (OSError, RuntimeError) as err:  # a full disk: give back the reserve, drop partial checkpoints
+            if self.acc.is_main_process and storage_message(err, self.run_dir) is not None:  # torch: RuntimeError
                 free_space(self.run_dir)
             raise
         finally:

@@ -497,6 +497,28 @@ def _check_paths(args: argparse.Namespace) -> None:
                                 else f"not a regular file: {path} ({flag})")
 
 
+def _disk_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report an OS error writing the output (full disk, quota, I/O) as one :class:`PrepError` line.
+
+    Shard writers already name their tar or sidecar; this catches the rest (plan, manifests,
+    dataset.json), naming the file in the error or else the output directory. Temporary files are
+    removed by the writers themselves (:class:`data_prep.format.AtomicPath`).
+    """
+    def wrapped(args: argparse.Namespace) -> int:
+        from data_prep.tarwrite import storage_errno, storage_error
+
+        try:
+            return func(args)
+        except OSError as exc:
+            if storage_errno(exc):
+                raise storage_error(exc, args.out) from None
+            raise
+
+    wrapped.__doc__, wrapped.__name__ = func.__doc__, func.__name__
+    return wrapped
+
+
+@_disk_errors
 def run_prep_imagenet(args: argparse.Namespace) -> int:
     """Run ``prep imagenet`` with parsed arguments (returns 0; raises PrepError on unusable input)."""
     _check_paths(args)
@@ -504,6 +526,7 @@ def run_prep_imagenet(args: argparse.Namespace) -> int:
     return _submit(args, build) if args.slurm else _run(args, build, opts)
 
 
+@_disk_errors
 def run_prep_video(args: argparse.Namespace) -> int:
     """Run ``prep kinetics|ssv2|diving48|videolist`` with parsed arguments."""
     _check_paths(args)
@@ -511,6 +534,7 @@ def run_prep_video(args: argparse.Namespace) -> int:
     return _submit(args, build) if args.slurm else _run(args, build, opts)
 
 
+@_disk_errors
 def run_merge(args: argparse.Namespace) -> int:
     """Run ``prep merge OUT``."""
     from data_prep.shard import merge

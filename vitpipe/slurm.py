@@ -19,6 +19,7 @@ for running it by hand) are dropped from the rendered script.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from vitpipe.errors import UserError
+
+logger = logging.getLogger("vitpipe")
 
 ROOT = Path(__file__).resolve().parents[1]
 """The vitpipe checkout (holds ``slurm/`` with the templates and the default cluster file)."""
@@ -134,15 +137,23 @@ class ClusterCfg:
 
 
 def default_cluster_file() -> Path:
-    """``$VITPIPE_CLUSTER``, else ``slurm/cluster.toml`` of the checkout."""
-    return Path(os.environ.get("VITPIPE_CLUSTER") or ROOT / "slurm" / "cluster.toml")
+    """``$VITPIPE_CLUSTER``, else ``./slurm/cluster.toml`` when it exists, else the package checkout's.
+
+    The working copy's file comes first: a user edits the clone they run from, which need not be the
+    checkout vitpipe was installed from.
+    """
+    if os.environ.get("VITPIPE_CLUSTER"):
+        return Path(os.environ["VITPIPE_CLUSTER"])
+    here = Path("slurm") / "cluster.toml"
+    return here.resolve() if here.is_file() else ROOT / "slurm" / "cluster.toml"
 
 
 def load_cluster(path: str | Path | None = None) -> ClusterCfg:
     """Reads the cluster defaults, checking every key and type.
 
     Args:
-        path: The TOML file; None: :func:`default_cluster_file` (built-in defaults when that is missing).
+        path: The TOML file (``--cluster FILE``); None: :func:`default_cluster_file` (built-in defaults
+            when that is missing). The file used is logged.
 
     Raises:
         UserError: For a missing explicit file, bad TOML, an unknown key or a wrong type.
@@ -151,7 +162,9 @@ def load_cluster(path: str | Path | None = None) -> ClusterCfg:
     if not file.is_file():
         if path:
             raise UserError(f"cluster file {str(file)!r} not found")
+        logger.info("cluster defaults: built in (no %s)", file)
         return ClusterCfg()
+    logger.info("cluster defaults: %s", file)
     try:
         raw = tomllib.loads(file.read_text())
     except tomllib.TOMLDecodeError as err:

@@ -1,7 +1,9 @@
 """Helpers that run inside a Slurm training job (``python -m vitpipe.slurm_task ...``; no torch import).
 
-``run -- CMD...`` is the srun task on every node. It starts ``CMD`` (torchrun) with SIGUSR1 and
-SIGTERM ignored and waits for it, answering signals itself:
+``run -- CMD...`` is the srun task on every node. It starts ``CMD`` (torchrun's agent, under
+``python -m vitpipe.launch``) with SIGUSR1 and SIGTERM ignored and waits for it, answering signals
+itself, and exits with the command's status, except 0 for 75 (every trainer exited for a requeue), so
+that srun reports no failed task for a clean preemption:
 
 * torchrun's agent does not handle SIGUSR1, so the signal's default action would end it, and the
   step with it, while the trainers write their checkpoint; for SIGTERM the agent would send a second
@@ -16,9 +18,9 @@ SIGTERM ignored and waits for it, answering signals itself:
   alone and is forwarded to the command's children, the trainers.
 
 ``begin RUN_DIR`` and ``end RUN_DIR --exit-code N`` bracket one attempt of the batch script: ``end``
-prints ``FINISHED``, ``PREEMPTED`` or ``FAILED`` for the script to act on (torchrun turns a trainer's
-status 75 into its own 1, so the exit code alone cannot tell), appends the attempt to
-``RUN_DIR/slurm/attempts.jsonl`` and records the Slurm job ids in the run's MLflow run.
+prints ``FINISHED``, ``PREEMPTED`` or ``FAILED`` for the script to act on (from what the attempt wrote in
+the run directory: srun's status, 0 for a requeue exit, cannot tell a preemption from a finished run),
+appends the attempt to ``RUN_DIR/slurm/attempts.jsonl`` and records the Slurm job ids in the run's MLflow run.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ logger = logging.getLogger("vitpipe.slurm_task")
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 JOBS_FILE = "jobs.json"
 """The jobs submitted for a directory, in ``<dir>/slurm/`` (written by :mod:`vitpipe.slurm_jobs`)."""
+NODE_RANK = "@SLURM_NODEID@"
+"""Replaced by the node index in the launcher's arguments (:func:`fill_node_rank`)."""
+EXIT_PREEMPTED = 75
+"""``pipeline.preempt.EXIT_PREEMPTED``: the trainers' (and ``vitpipe.launch``'s) status for "requeue me"."""
 PREEMPT_MARK = "with status 75"
 """Every exit for a requeue in :mod:`pipeline.preempt` and the trainer logs these words
 (``EXIT_PREEMPTED`` = 75); the constant is not imported to keep torch out of this module."""
@@ -68,7 +74,31 @@ def run_task(cmd: list[str]) -> int:
             _answer(info, proc.pid)
         status = proc.poll()
         if status is not None:
-            return status if status >= 0 else 128 - status
+            return _task_status(status if status >= 0 else 128 - status)
+
+
+def fill_node_rank(cmd: list[str]) -> list[str]:
+    """``cmd`` with ``@SLURM_NODEID@`` replaced by this task's node index, in the launcher's options only.
+
+    The batch script gives every node the same command line; torchrun's static rendezvous needs each
+    node's rank. Arguments from the first ``-m`` on (the trainer's recipe and overrides) are kept as given.
+    """
+    node = os.environ.get("SLURM_NODEID", "0")
+    end = cmd.index("-m", cmd.index("-m") + 1) if cmd.count("-m") > 1 else len(cmd)
+    return [a.replace(NODE_RANK, node) for a in cmd[:end]] + cmd[end:]
+
+
+def _task_status(status: int) -> int:
+    """The srun task's exit status for the command's: 0 for a requeue exit (75), the same otherwise.
+
+    srun reports every task that exits non-zero as ``srun: error: <node>: task N: Exited with exit code``;
+    a clean preemption is not an error. The batch script decides from the run directory (see
+    :func:`attempt_outcome`), not from srun's status.
+    """
+    if status == EXIT_PREEMPTED:
+        logger.info("the trainers exited for a requeue (status %d): the task exits 0", status)
+        return 0
+    return status
 
 
 def _answer(info: Any, child: int) -> None:
@@ -267,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             parser.error("run: give the command after --")
-        return run_task(cmd)
+        return run_task(fill_node_rank(cmd))
     if args.command == "begin":
         begin_attempt(args.run_dir.resolve(), args.job_script)
         return 0

@@ -133,7 +133,7 @@ def test_ui_shows_runs_metrics_and_pictures(browser: Any, ui_address: str, tmp_p
 
     # 1. The printed address opens the run table, in the "Model training" view, without GenAI or telemetry notes.
     browser.get(ui_address)
-    run_link = _until(browser, "run table", lambda: browser.find_element(By.LINK_TEXT, "browser"))
+    _until(browser, "run table", lambda: browser.find_element(By.LINK_TEXT, "browser"))
     body = browser.find_element(By.TAG_NAME, "body").text
     assert "/runs" in browser.current_url and "Run Name" in body and "1 matching run" in body, body[:1500]
     assert "Detect Issues" not in body and "No data available" not in body, body[:1500]
@@ -141,34 +141,42 @@ def test_ui_shows_runs_metrics_and_pictures(browser: Any, ui_address: str, tmp_p
     _close_assistant(browser)
     time.sleep(0.5)
     _save(browser, "ui-runs.png", tmp_path)
+    # MLflow keeps the view in the URL only until the next click; the sidebar switch stores it in the browser.
+    for view in ("GenAI", "Model training"):
+        browser.execute_script("arguments[0].click()", browser.find_element(By.XPATH, f"//*[text()='{view}']"))
+        time.sleep(0.5)
 
     # 2. The run's metrics: a val/top1 chart.
-    run_link.click()
+    _until(browser, "run table", lambda: browser.find_element(By.LINK_TEXT, "browser")).click()
     _until(browser, "run page", lambda: browser.find_element(By.XPATH, "//*[text()='Model metrics']")).click()
     search = _until(browser, "chart search", lambda: browser.find_element(
         By.XPATH, "//input[@placeholder='Search metric charts']"))
     search.send_keys("val/")
     _until(browser, "val/top1 chart", lambda: browser.find_element(By.XPATH, "//h4[@title='val/top1']"))
     _until(browser, "plotted val/top1", lambda: browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot"))
+    assert "Evaluations" not in browser.find_element(By.TAG_NAME, "body").text  # still the training view
     time.sleep(1.0)  # let the plots finish drawing
     _save(browser, "ui-val-top1.png", tmp_path)
 
-    # 3. The image panel: the model's pictures at both evaluation steps, through the step slider's input.
+    # 3. The image panel (full screen): the model's pictures at both evaluation steps, via the step slider.
     search.send_keys(Keys.CONTROL, "a")
     search.send_keys("pictures")
-    _until(browser, "image panel", lambda: browser.find_element(By.XPATH, "//h4[@title='pictures/sample0']"))
-    step_box = browser.find_element(By.XPATH, "//input[@data-component-id="
-                                              "'mlflow.experiment_tracking.common.line_smooth_slider']")
+    title = _until(browser, "image panel", lambda: browser.find_element(By.XPATH, "//h4[@title='pictures/sample0']"))
+    card = title.find_element(By.XPATH, "./ancestor::div[@data-testid='experiment-view-compare-runs-card']")
+    card.find_element(By.XPATH, ".//button[@data-component-id='fullscreen_button_chartcard']").click()
+    step_box = _until(browser, "step slider", lambda: browser.find_elements(
+        By.XPATH, "//input[@data-component-id='mlflow.experiment_tracking.common.line_smooth_slider']")[1])
     assert (step_box.get_attribute("min"), step_box.get_attribute("max")) == ("2", "4")  # steps with pictures
     shown = {}
     for step in ("2", "4"):
         step_box.send_keys(Keys.CONTROL, "a")
         step_box.send_keys(step, Keys.TAB)
-        image = _until(browser, f"picture at step {step}", lambda s=step: next(
-            (i for i in browser.find_elements(By.TAG_NAME, "img")
-             if f"step%2B{s}%2B" in (i.get_attribute("src") or "")
-             and browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)), None))
+        image = _until(browser, f"picture at step {step}", lambda s=step: [
+            i for i in browser.find_elements(By.TAG_NAME, "img")
+            if f"step%2B{s}%2B" in (i.get_attribute("src") or "")
+            and browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)][-1:])[0]
         shown[step] = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
     assert all(width > 0 and height > 0 for width, height in shown.values()), shown
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", image)
     time.sleep(0.5)
     _save(browser, "ui-pictures.png", tmp_path)

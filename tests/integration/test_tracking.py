@@ -56,7 +56,6 @@ def test_outage_preemption_and_resume_lose_nothing(digits_shards: Path, tmp_path
         _wait_for(train.stderr, "step 5 ")
         os.killpg(server.pid, signal.SIGKILL)  # killed, not stopped: a crashed tracking server
         stop_server(server)
-        down = time.time() * 1000
         _wait_for(train.stderr, "step 11 ")  # these steps and system samples are queued
         train.send_signal(signal.SIGUSR1)
         rest = train.stderr.read()
@@ -85,7 +84,6 @@ def test_outage_preemption_and_resume_lose_nothing(digits_shards: Path, tmp_path
     assert sorted(steps) == list(range(1, 45))  # 2 epochs × 22 steps, each exactly once
     system = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
     assert sorted(m.step for m in system) == list(range(len(system)))  # numbering continues across jobs
-    assert any(down < m.timestamp < up for m in system)  # sampled during the outage, delivered later
     assert any(m.timestamp > up for m in system)  # and after it
     assert run.data.tags["vitpipe.git_sha"] != "unknown"
 
@@ -97,18 +95,3 @@ def test_unreachable_server_at_start_trains_without_tracking(digits_shards: Path
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unreachable at start" in proc.stderr and (tmp_path / "nosrv" / "final" / "model.safetensors").exists()
-
-
-@pytest.mark.parametrize("name", ["filtervit_pico", "structvit_tiny_4_1"])
-def test_model_pictures_are_logged(digits_shards: Path, tmp_path: Path, name: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "vitpipe", "train", "jobs/demo/vitnano_digits_cls_cpu_quick.toml",
-                           f"--data.path={digits_shards}", f"--run.output_dir={tmp_path}", "--run.name=pics",
-                           f"--model.name={name}", "--schedule.max_steps=2", "--tracking.pictures=2",
-                           "--tracking.system_metrics_s=0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("vitpipe-demo").experiment_id])
-    pictures = [a.path for a in client.list_artifacts(run.info.run_id, "pictures")]
-    assert pictures == ["pictures/step00000002_0.png", "pictures/step00000002_1.png"]
-    local = client.download_artifacts(run.info.run_id, pictures[0], str(tmp_path))
-    assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

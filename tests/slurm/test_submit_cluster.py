@@ -170,6 +170,9 @@ def test_usr1_checkpoints_requeues_resumes_into_one_mlflow_run(slurm_cluster, cl
     t0 = time.monotonic()
     _wait_for(lambda: _queue_state(slurm_cluster, job_id)[0] == "PENDING", 120, "the job to requeue itself")
     t_requeued = time.monotonic() - t0
+    held = slurm_cluster.run("scontrol", "show", "-o", "job", job_id, check=False).stdout
+    hold = re.search(r"StartTime=(\S+)", held)
+    print(f"requeue hold: pending at {time.strftime('%H:%M:%S')}, BeginTime {hold.group(1) if hold else '?'}")
     # Skip the requeue hold (cred_expire + 1 s), but only after the nodes cleaned up the first run and a second
     # has passed: slurmd refuses a job credential not newer than the previous run's revocation (same second).
     _wait_for(lambda: not slurm_cluster.run("sinfo", "-h", "-t", "completing", "-o", "%N", check=False).stdout.strip(),
@@ -198,6 +201,12 @@ def test_usr1_checkpoints_requeues_resumes_into_one_mlflow_run(slurm_cluster, cl
     rank_logs = "".join(p.read_text() for p in run_dir.glob("log.rank*.txt"))
     assert "received SIGUSR1" in rank_logs and "resumed from" in rank_logs
     assert "second signal" not in rank_logs  # each trainer got it once: from Slurm, not forwarded again
+    # A clean preemption is clean in the job's output: no launcher report, no srun error; one line per rank.
+    assert "Traceback" not in output and "ChildFailedError" not in output, output
+    assert "srun: error" not in output, output
+    assert "every trainer exited for a requeue (status 75)" in output
+    for rank_log in run_dir.glob("log.rank*.txt"):
+        assert rank_log.read_text().count("received SIGUSR1") == 1, rank_log
     stopped = int(re.search(r"preempted at step (\d+)", rank_logs).group(1))
     assert 5 <= stopped < STEPS
     assert not list(ROOT.glob("pwned-by-name*"))  # the name stayed text in the script, sbatch and the job (cwd ROOT)

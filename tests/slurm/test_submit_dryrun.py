@@ -101,7 +101,8 @@ def test_dry_run_renders_rendezvous_signal_and_requeue(capsys, tmp_path: Path, n
     assert "NPROC_PER_NODE=8" in out and "MAX_REQUEUES=2" in out
     assert "MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))" in out
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in out
-    assert '--rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv-id="$SLURM_JOB_ID"' in out
+    assert '--rdzv-backend=static --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" ' \
+        '--node-rank=@SLURM_NODEID@' in out
     assert 'srun --nodes="$nodes" --ntasks-per-node=1' in out and "-m vitpipe.slurm_task run --" in out
     assert 'scontrol requeue "$SLURM_JOB_ID"' in out and "(( restarts < MAX_REQUEUES ))" in out
     assert "export OMP_NUM_THREADS=1" in out
@@ -165,10 +166,10 @@ def test_script_starts_torchrun_on_every_node_and_decides_on_requeue(capsys, tmp
     assert done.returncode == 0, done.stderr
     args = (tmp_path / "srun.args").read_text().splitlines()
     assert args[:4] == ["--nodes=16", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "--cpus-per-task=12"]
-    tail = args[args.index("torch.distributed.run") + 1:]
-    assert tail[:7] == ["--nnodes=16", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node001:23457",
-                        "--rdzv-id=123457", "--max-restarts=0", "-m"]
-    assert tail[7:9] == ["pipeline.train", str(ROOT / RECIPE)]
+    tail = args[args.index("vitpipe.launch") + 1:]
+    assert tail[:8] == ["--nnodes=16", "--nproc-per-node=8", "--rdzv-backend=static", "--master-addr=node001",
+                        "--master-port=23457", "--node-rank=@SLURM_NODEID@", "--max-restarts=0", "-m"]
+    assert tail[8:10] == ["pipeline.train", str(ROOT / RECIPE)]
     assert "ended: FINISHED" in done.stdout and not (tmp_path / "scontrol.log").exists()
 
     # torchrun turns the trainers' 75 into 1: summary.json of this attempt decides.
@@ -355,6 +356,30 @@ def test_cluster_file_is_checked(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not valid"):
         load_cluster(bad)
     assert load_cluster(ROOT / "slurm" / "cluster.toml").requeue.max_requeues == 3
+
+
+def test_task_wrapper_fills_the_node_rank_of_the_launcher_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitpipe.slurm_task import fill_node_rank
+
+    monkeypatch.setenv("SLURM_NODEID", "3")
+    cmd = ["py", "-m", "vitpipe.launch", "--node-rank=@SLURM_NODEID@", "-m", "pipeline.train", "r.toml",
+           "--run.name=@SLURM_NODEID@"]
+    assert fill_node_rank(cmd) == [*cmd[:3], "--node-rank=3", *cmd[4:]]
+
+
+def test_cluster_file_of_the_working_copy_comes_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("VITPIPE_CLUSTER", raising=False)
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="vitpipe")
+    assert load_cluster().path == str(ROOT / "slurm" / "cluster.toml")  # no ./slurm/cluster.toml: the package's
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "cluster.toml").write_text("[slurm]\npartition = 'mine'\n")
+    cfg = load_cluster()
+    assert cfg.slurm.partition == "mine" and cfg.path == str(tmp_path / "slurm" / "cluster.toml")
+    assert f"cluster defaults: {tmp_path / 'slurm' / 'cluster.toml'}" in caplog.text
+    other = _cluster_file(tmp_path)  # --cluster FILE wins over both
+    assert load_cluster(other).slurm.partition == "debug" and f"cluster defaults: {other}" in caplog.text
 
 
 WORKER = """\
