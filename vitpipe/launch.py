@@ -62,8 +62,11 @@ def failure_status(failures: dict[int, object], rank0_here: bool = False) -> tup
     if all(c in (EXIT_PREEMPTED, *_TERMINATED) for c in codes.values()) and EXIT_PREEMPTED in codes.values():
         return EXIT_PREEMPTED, []
     if codes[first] == EXIT_USER_ERROR:
-        if rank0_here:
-            return EXIT_USER_ERROR, []
+        if rank0_here and codes.get(0) == EXIT_USER_ERROR:
+            return EXIT_USER_ERROR, []  # rank 0 printed it
+        if rank0_here:  # the agent stopped rank 0 before it printed: say the first failure's message once
+            message = failures[first].message
+            return EXIT_USER_ERROR, [message] if isinstance(message, str) and message else []
         said = failures[0].message if 0 in failures else None
         lines = {f.message for r, f in sorted(failures.items()) if r != 0 and f.exitcode == EXIT_USER_ERROR
                  and isinstance(f.message, str) and f.message.startswith("pipeline.train:") and f.message != said}
