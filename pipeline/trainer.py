@@ -281,9 +281,9 @@ class Trainer:
     def after_step(self, meter: _Meter) -> None:
         """Step-boundary work: metrics, step-based evaluation, periodic checkpoint, the preemption check (all ranks)."""
         if self.step % self.cfg.tracking.log_every_steps == 0 or self.step == self.total_steps:
-            self.metrics.log({**meter.flush(max(self.scheduler.get_last_lr()), self.world_size, self.flops_per_sample,
-                                            self.cfg.engine.peak_tflops),
-                              **self.train_loader.data_metrics()}, self.step)  # every rank: one all-reduce
+            self.metrics.log(meter.flush(max(self.scheduler.get_last_lr()), self.world_size, self.flops_per_sample,
+                                         self.cfg.engine.peak_tflops, self.train_loader),
+                             self.step)  # every rank: one all-reduce, one host read
         every = self.cfg.eval.every_steps
         if every and self.step % every == 0 and self.step < self.total_steps:
             self.run_eval()  # every rank, the same steps: evaluation enters collectives
@@ -473,7 +473,8 @@ class _Meter:
         self.loss = loss if self.loss is None else self.loss + loss
         self.batches, self.samples = self.batches + 1, self.samples + samples
 
-    def flush(self, lr: float, world_size: int, flops_per_sample: float, peak_tflops: float) -> dict[str, float]:
+    def flush(self, lr: float, world_size: int, flops_per_sample: float, peak_tflops: float,
+              data: Any = None) -> dict[str, float]:
         """Returns loss (mean over ranks), lr, global img/s, data-wait fraction and MFU, then resets.
 
         The one host read of the step loop: the loss sum and batch count, reduced over ranks on the
@@ -481,26 +482,30 @@ class _Meter:
         ``peak_tflops`` per process.
         """
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        loss_sum, batches = _sum_over_ranks(self.loss, self.batches)
+        loss_sum, batches, counts = _sum_over_ranks(self.loss, self.batches, data.local_counts() if data else [])
         img_per_s = self.samples * world_size / elapsed
         out = {"train/loss": loss_sum / max(batches, 1.0), "train/lr": lr, "train/img_per_s": img_per_s,
                "train/data_wait": self.wait / elapsed,
                "train/tflops_per_proc": 3 * flops_per_sample * img_per_s / world_size / 1e12}
         if peak_tflops:
             out["train/mfu"] = out["train/tflops_per_proc"] / peak_tflops
+        if data is not None:  # the loader's bad-shard and skip counts ride on the same all-reduce
+            out.update(data.data_metrics(counts))
         self.reset()
         return out
 
 
-def _sum_over_ranks(loss_sum: torch.Tensor | None, batches: int) -> tuple[float, float]:
-    """Sums a device loss and a batch count over all ranks with one all-reduce and one host read."""
+def _sum_over_ranks(loss_sum: torch.Tensor | None, batches: int,
+                    extra: list[float] = ()) -> tuple[float, float, list[float]]:
+    """Sums a device loss, a batch count and ``extra`` host numbers over all ranks: one all-reduce, one read."""
     if loss_sum is None:  # no batch since the last flush
         loss_sum = torch.zeros((), dtype=torch.float64)
-    both = torch.stack([loss_sum, torch.full_like(loss_sum, batches)])  # [loss sum, batches], on the device
+    tail = torch.tensor([float(batches), *extra], dtype=loss_sum.dtype).to(loss_sum.device, non_blocking=True)
+    both = torch.cat([loss_sum.reshape(1), tail])  # [loss sum, batches, *extra], on the device
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(both, op=dist.ReduceOp.SUM)
-    total, count = both.tolist()
-    return total, count
+    total, count, *rest = both.tolist()
+    return total, count, rest
 
 
 def _mark_run_failed(uri: str, run_id: str, reason: str) -> None:

@@ -58,7 +58,8 @@ def failure_status(failures: dict[int, object], rank0_here: bool = False) -> tup
         ``(status, lines)``.
     """
     codes = {rank: f.exitcode for rank, f in failures.items()}
-    first = min(failures, key=lambda r: failures[r].timestamp)
+    own = [r for r, c in codes.items() if c not in _TERMINATED] or list(failures)  # not those the agent stopped
+    first = min(own, key=lambda r: failures[r].timestamp)
     if all(c in (EXIT_PREEMPTED, *_TERMINATED) for c in codes.values()) and EXIT_PREEMPTED in codes.values():
         return EXIT_PREEMPTED, []
     if codes[first] == EXIT_USER_ERROR:

@@ -104,19 +104,20 @@ class TrainBatches:
         self.policies = policies
         self.epoch = self.skip = 0
 
-    def data_metrics(self) -> dict[str, float]:
-        """``data/bad_shards`` and ``data/skipped_samples`` over all ranks (every rank must call it: one all-reduce).
+    def local_counts(self) -> list[float]:
+        """This rank's ``[shards found bad while reading, samples that failed to decode]``, to be summed over ranks."""
+        return [float(sum(p.health.counts[0] for p in self.policies)),
+                float(sum(p.health.counts[1] for p in self.policies))]
+
+    def data_metrics(self, reduced: list[float]) -> dict[str, float]:
+        """``data/bad_shards`` and ``data/skipped_samples`` from :meth:`local_counts` summed over all ranks.
 
         ``data/bad_shards``: shards left out at the start (training and validation), plus each time a reading
         process found a shard bad while reading. ``data/skipped_samples``: samples that failed to decode.
         Empty (nothing to report) while both are 0 and ``data.on_bad_shard`` is ``error``.
         """
-        from pipeline.dist import all_reduce_sum
-
-        read_bad = sum(p.health.counts[0] for p in self.policies)
-        skipped = sum(p.health.counts[1] for p in self.policies)
+        read_bad, skipped = reduced
         at_start = sum(p.health.skipped_shards for p in self.policies)  # the same on every rank
-        read_bad, skipped = all_reduce_sum([float(read_bad), float(skipped)])
         if not (at_start or read_bad or skipped or any(p.on_bad_shard == "skip" for p in self.policies)):
             return {}
         return {"data/bad_shards": float(at_start + read_bad), "data/skipped_samples": float(skipped)}
