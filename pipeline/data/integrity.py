@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.format import IMAGE_EXTS, META, VIDEO_EXTS, FormatError, is_frame_ext, load_dataset_info
-from pipeline.data.shards import LoaderError
+from data_prep.format import IMAGE_EXTS, META, VIDEO_EXTS, ShardInfo, is_frame_ext
+from pipeline.data.shards import LoaderError, split_entry
 
 logger = logging.getLogger(__name__)
 
@@ -42,32 +42,41 @@ _SUMMARY_EVERY_S = 30.0
 _NAMED = 5
 
 
-def shard_problems(dataset_dir: str | Path, split: str) -> list[tuple[int, str]]:
-    """Checks that every shard of ``split`` exists with the byte size ``dataset.json`` records (a stat each).
+def shard_problem(root: Path, split: str, shard: ShardInfo) -> str | None:
+    """What is wrong with one shard on disk against ``dataset.json`` (existence, byte size; one stat), or None."""
+    path = root / split / shard.name
+    try:
+        size = os.stat(path).st_size
+    except OSError as err:
+        return f"{path}: shard missing ({err.strerror})"
+    if shard.bytes and size != shard.bytes:
+        what = "truncated" if size < shard.bytes else "extra data after its samples"
+        return f"{path}: {size} bytes, dataset.json says {shard.bytes} ({what})"
+    return None
+
+
+def shard_problems(dataset_dir: str | Path, split: str, rank: int = 0, world_size: int = 1) -> list[tuple[int, str]]:
+    """Checks this rank's share (every ``world_size``-th shard from ``rank``) of ``split``'s shards, a stat each.
 
     Returns:
-        ``(shard position in file order, problem)`` for each bad shard.
+        ``(shard position in file order, problem)`` for each bad shard of the share.
 
     Raises:
         LoaderError: If the data set or split cannot be read.
     """
     root = Path(dataset_dir)
-    try:
-        entry = load_dataset_info(root).split(split)
-    except FormatError as err:
-        raise LoaderError(str(err)) from err
-    problems = []
-    for i, shard in enumerate(entry.shards):
-        path = root / split / shard.name
-        try:
-            size = os.stat(path).st_size
-        except OSError as err:
-            problems.append((i, f"{path}: shard missing ({err.strerror})"))
-            continue
-        if shard.bytes and size != shard.bytes:
-            what = "truncated" if size < shard.bytes else "extra data after its samples"
-            problems.append((i, f"{path}: {size} bytes, dataset.json says {shard.bytes} ({what})"))
-    return problems
+    _, entry = split_entry(root, split)
+    return [(i, problem) for i in range(rank, len(entry.shards), world_size)
+            if (problem := shard_problem(root, split, entry.shards[i]))]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _agree(bad: list[int], num_shards: int) -> list[int]:
@@ -97,12 +106,16 @@ def bad_shards(dataset_dir: str | Path, split: str, on_bad_shard: str) -> frozen
         LoaderError: Under ``"error"`` when a shard is bad (one line naming it, on every rank), and under
             ``"skip"`` when no shard is left.
     """
-    num_shards = len(load_dataset_info(Path(dataset_dir)).split(split).shards)
-    local = dict(shard_problems(dataset_dir, split))
-    agreed = _agree(sorted(local), num_shards)
+    root = Path(dataset_dir)
+    _, entry = split_entry(root, split)
+    rank, world_size = _rank_and_world()
+    local = dict(shard_problems(root, split, rank, world_size))  # a share each: stats do not grow with ranks
+    agreed = _agree(sorted(local), len(entry.shards))
+    num_shards = len(entry.shards)
     if not agreed:
         return frozenset()
-    lines = [local.get(i, f"{split} shard {i}: bad on another rank") for i in agreed]
+    lines = [local.get(i) or shard_problem(root, split, entry.shards[i]) or f"{split} shard {i}: bad on another rank"
+             for i in agreed]  # another rank's bad shard: stat it here too, to name what is wrong
     more = f" (and {len(lines) - 1} more bad shard(s))" if len(lines) > 1 else ""
     if on_bad_shard != "skip":
         raise LoaderError(f"{lines[0]}{more}; re-run vitpipe prep, or set data.on_bad_shard = 'skip'")
@@ -311,11 +324,7 @@ def check_data_kind(dataset_dir: str | Path, split: str, model_name: str) -> str
         LoaderError: One line naming the model, the data set and what each holds.
     """
     root = Path(dataset_dir)
-    try:
-        info = load_dataset_info(root)
-        entry = info.split(split)
-    except FormatError as err:
-        raise LoaderError(str(err)) from err
+    info, entry = split_entry(root, split)
     wants = "video" if model_takes_video(model_name) else "image"
     if info.kind != wants:
         raise LoaderError(

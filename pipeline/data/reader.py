@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.format import FormatError, load_dataset_info
-from pipeline.data.shards import LoaderError
+from pipeline.data.shards import LoaderError, split_entry
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +101,7 @@ class SampleIndex:
         import pyarrow.parquet as pq
 
         root = Path(dataset_dir)
-        try:
-            info = load_dataset_info(root)
-            entry = info.split(split)
-        except FormatError as err:
-            raise LoaderError(str(err)) from err
+        info, entry = split_entry(root, split)
         path = root / entry.manifest
         names = [s.name for s in entry.shards]
         sizes = np.array([s.num_samples for s in entry.shards], np.int64)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.format import FormatError, load_dataset_info
+from data_prep.format import DatasetInfo, FormatError, SplitInfo, load_dataset_info
 
 
 class LoaderError(ValueError):
@@ -48,14 +48,19 @@ def read_split(dataset_dir: str | Path, split: str,
     Raises:
         LoaderError: If the data set cannot be read or has no such split.
     """
-    try:
-        info = load_dataset_info(Path(dataset_dir))
-        entry = info.split(split)
-    except FormatError as err:
-        raise LoaderError(str(err)) from err
+    info, entry = split_entry(dataset_dir, split)
     folder = Path(dataset_dir) / split
     shards = [Shard(str(folder / s.name), s.num_samples) for i, s in enumerate(entry.shards) if i not in exclude]
     return shards, list(info.classes)
+
+
+def split_entry(dataset_dir: str | Path, split: str) -> tuple[DatasetInfo, SplitInfo]:
+    """``dataset.json`` and one split's entry, a format problem as one :class:`LoaderError` line."""
+    try:
+        info = load_dataset_info(Path(dataset_dir))
+        return info, info.split(split)
+    except FormatError as err:
+        raise LoaderError(str(err)) from err
 
 
 def epoch_shard_order(shards: list[Shard], seed: int, epoch: int) -> list[Shard]:
